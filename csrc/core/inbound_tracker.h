@@ -1,0 +1,62 @@
+// The target's counted completion: a transfer is complete when its BEGIN (with the number of
+// units to expect and the notification) has arrived and that many units have landed, in any
+// order. A transfer that fails (deadline, initiator gone, abort) is remembered for a while so
+// that units arriving late never complete it.
+#pragma once
+
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/transfer_state.h"
+#include "wire/control.h"
+
+namespace kvt {
+
+struct InboundOutcome {
+  uint64_t peer = 0;
+  uint64_t slot = 0;
+  bool ok = false;
+  bool has_notify = false;
+  std::string payload;
+  std::string peer_name;
+  ErrorCode code = ErrorCode::kTransport;
+  std::string error;
+};
+
+class InboundTracker {
+ public:
+  explicit InboundTracker(double default_timeout_s) : default_timeout_s_(default_timeout_s) {}
+
+  std::optional<InboundOutcome> begin(uint64_t peer, const std::string& peer_name,
+                                      const wire::Begin& m);
+  std::optional<InboundOutcome> arrive(uint64_t peer, uint64_t slot, uint32_t units);
+  std::optional<InboundOutcome> abort(uint64_t peer, uint64_t slot, const std::string& reason);
+  std::vector<InboundOutcome> fail_peer(uint64_t peer, const std::string& reason);
+  std::vector<InboundOutcome> expire(Clock::time_point now);
+  size_t pending() const;
+
+ private:
+  struct Entry {
+    bool begun = false;
+    uint32_t expected = 0;
+    uint32_t arrived = 0;
+    bool has_notify = false;
+    std::string payload;
+    std::string peer_name;
+    Clock::time_point deadline;
+  };
+  using Key = std::pair<uint64_t, uint64_t>;
+  std::optional<InboundOutcome> settle_locked(const Key& k);
+  InboundOutcome fail_locked(std::map<Key, Entry>::iterator it, ErrorCode code, std::string error);
+
+  double default_timeout_s_;
+  mutable std::mutex mu_;
+  std::map<Key, Entry> live_;
+  std::map<Key, Clock::time_point> failed_;  // when each failed slot may be forgotten
+};
+
+}  // namespace kvt

@@ -1,0 +1,144 @@
+// An Endpoint: registered memory, a handshake listener, peers, and one-sided transfers with
+// counted completion and notifications, over whichever Transport it was built with.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/inbound_tracker.h"
+#include "core/notification_queue.h"
+#include "core/region_registry.h"
+#include "core/thread_set.h"
+#include "core/transfer_state.h"
+#include "engine/control_channel.h"
+#include "engine/endpoint_stats.h"
+#include "transport/transport.h"
+
+namespace kvt {
+
+struct EndpointOptions {
+  std::string name = "kvtransfer";
+  std::string transport = "tcp";
+  std::string listen = "127.0.0.1:0";
+  std::string auth_token;   // empty: no authentication
+  double timeout_s = 5.0;   // default transfer deadline and dead-peer bound
+  int connections = 2;      // parallel data connections per peer (TCP)
+  std::string provider;     // fabric provider
+};
+
+struct PeerConn;
+
+class Endpoint : public TransportSink {
+ public:
+  explicit Endpoint(EndpointOptions options);
+  ~Endpoint() override;
+  Endpoint(const Endpoint&) = delete;
+  Endpoint& operator=(const Endpoint&) = delete;
+
+  std::shared_ptr<const Region> register_region(uintptr_t addr, uint64_t nbytes,
+                                                bool remote_write, bool remote_read);
+  void deregister_region(uint32_t id, double timeout_s);
+
+  std::string address() const { return address_; }
+  std::string name() const { return options_.name; }
+  TransportCaps caps() const { return transport_->caps(); }
+  std::string info() const;
+
+  std::shared_ptr<PeerConn> connect(const std::string& info_or_address, double timeout_s);
+  std::map<uint32_t, uint64_t> peer_regions(PeerConn& peer, double timeout_s);
+
+  // segments: n rows of (src_off, dst_off, len). For a write src is local and dst remote; for
+  // a read src is remote and dst local. timeout_s < 0: the endpoint's default.
+  std::shared_ptr<TransferState> write(PeerConn& peer, uint32_t local_region, uint32_t remote_region,
+                                       const int64_t* segments, size_t n, const std::string* notify,
+                                       double timeout_s);
+  std::shared_ptr<TransferState> read(PeerConn& peer, uint32_t local_region, uint32_t remote_region,
+                                      const int64_t* segments, size_t n, const std::string* notify,
+                                      double timeout_s);
+
+  Notification wait_notification(const std::string& payload, double timeout_s) {
+    return notifications_.wait_for(payload, timeout_s);
+  }
+  std::vector<Notification> notifications() { return notifications_.drain(); }
+  std::vector<Error> errors() const;
+  // Closes a peer we connected to: its transfers in flight end in ERROR.
+  void disconnect(PeerConn& peer);
+  StatsSnapshot stats() const { return stats_.snapshot(); }
+  void close();
+
+  // TransportSink
+  void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) override;
+  void on_read_landed(uint64_t slot, uint32_t units) override;
+  void on_op_failed(uint64_t slot, const Error& error) override;
+  void on_link_failed(uint64_t peer, const Error& error) override;
+
+ private:
+  std::shared_ptr<TransferState> start(OpKind kind, PeerConn& peer, uint32_t local_region,
+                                       uint32_t remote_region, const int64_t* segments, size_t n,
+                                       const std::string* notify, double timeout_s);
+  RemoteRegion remote_region(PeerConn& peer, uint32_t id, double timeout_s);
+  void accept_loop();
+  void serve_peer(std::shared_ptr<PeerConn> peer, bool handshake);
+  void handshake_as_server(PeerConn& peer);
+  void handshake_as_client(PeerConn& peer, double timeout_s);
+  void handle(PeerConn& peer, const ControlMessage& m);
+  void settle(const InboundOutcome& o);
+  void finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code, const std::string& error);
+  void peer_failed(uint64_t peer, const Error& error);
+  void record_error(const Error& e);
+  void watchdog_loop();
+  void add_pending();
+  std::shared_ptr<PeerConn> find_peer(uint64_t id);
+  void reap_dead_peers();
+
+  EndpointOptions options_;
+  RegionRegistry regions_;
+  std::unique_ptr<Transport> transport_;
+  net::Socket listener_;
+  std::string address_;
+
+  std::mutex mu_;  // peers_, transfers_
+  std::map<uint64_t, std::shared_ptr<PeerConn>> peers_;
+  std::map<uint64_t, std::shared_ptr<TransferState>> transfers_;
+  std::atomic<uint64_t> next_peer_{1};
+  std::atomic<uint64_t> next_slot_{1};
+
+  InboundTracker inbound_;
+  NotificationQueue notifications_;
+  EndpointStats stats_;
+  mutable std::mutex errors_mu_;
+  std::vector<Error> errors_;
+
+  std::mutex watch_mu_;
+  std::condition_variable watch_cv_;
+  std::atomic<bool> closing_{false};
+  std::thread watchdog_;
+  ThreadSet threads_;
+};
+
+// One connection to another endpoint: its control channel, and for peers we connected to, the
+// data link and what regions they expose.
+struct PeerConn {
+  uint64_t id = 0;
+  bool outbound = false;
+  std::string name;     // the other endpoint's name
+  std::string address;  // its handshake address
+  std::unique_ptr<ControlChannel> control;
+  std::unique_ptr<DataLink> link;
+  std::atomic<bool> dead{false};
+  std::string death;  // why it is dead (under mu)
+
+  std::mutex mu;
+  std::condition_variable cv;
+  std::map<uint32_t, RemoteRegion> regions;
+  uint64_t regions_version = 0;
+};
+
+}  // namespace kvt

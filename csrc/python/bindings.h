@@ -1,0 +1,12 @@
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace kvt::py_bind {
+
+void register_errors(pybind11::module_& m);
+void register_wire(pybind11::module_& m);
+void register_endpoint(pybind11::module_& m);
+void register_plan(pybind11::module_& m);  // plan/: block tables -> segments
+
+}  // namespace kvt::py_bind

@@ -1,0 +1,200 @@
+#include "transport/tcp/tcp_link.h"
+
+#include "transport/tcp/tcp_transport.h"
+
+namespace kvt::tcp {
+namespace {
+
+class TcpPrepared : public PreparedOp {
+ public:
+  std::vector<Frame> frames;
+};
+
+uint64_t frame_bytes(const Frame& f) { return f.header.payload; }
+
+}  // namespace
+
+TcpLink::TcpLink(TransportSink& sink, uint64_t peer, std::vector<net::Socket> sockets)
+    : sink_(sink), peer_(peer) {
+  for (auto& s : sockets) {
+    auto c = std::make_unique<Conn>();
+    c->sock = std::move(s);
+    conns_.push_back(std::move(c));
+  }
+  for (auto& c : conns_) {
+    Conn* cp = c.get();
+    threads_.spawn([this, cp] { send_loop(*cp); });
+    threads_.spawn([this, cp] { recv_loop(*cp); });
+  }
+}
+
+TcpLink::~TcpLink() { close(); }
+
+std::unique_ptr<PreparedOp> TcpLink::prepare(OpRequest op) {
+  auto prepared = std::make_unique<TcpPrepared>();
+  auto& frames = prepared->frames;
+  const bool write = op.kind == OpKind::kWrite;
+  auto open_frame = [&] {
+    Frame f;
+    f.header.type = write ? wire::DataType::kWrite : wire::DataType::kReadReq;
+    f.header.slot = op.slot;
+    f.header.region = op.remote.id;
+    f.header.key = op.remote.key;
+    f.header.frame = static_cast<uint32_t>(frames.size());
+    f.hold = op.local;
+    frames.push_back(std::move(f));
+  };
+  open_frame();
+  char* base = op.local->base;
+  for (const Segment& s : op.segments) {
+    uint64_t local_off = write ? s.src_off : s.dst_off;
+    uint64_t remote_off = write ? s.dst_off : s.src_off;
+    uint64_t done = 0;
+    while (done < s.len) {
+      Frame* f = &frames.back();
+      if (f->header.payload == kMaxFrameBytes || f->remote.size() == kMaxSegsPerFrame) {
+        open_frame();
+        f = &frames.back();
+      }
+      uint64_t piece = std::min(s.len - done, kMaxFrameBytes - f->header.payload);
+      f->remote.push_back(wire::DataDesc{remote_off + done, piece});
+      f->local.push_back(iovec{base + local_off + done, piece});
+      f->header.payload += piece;
+      done += piece;
+    }
+  }
+  if (frames.back().remote.empty()) frames.pop_back();
+  for (auto& f : frames) f.header.nseg = static_cast<uint32_t>(f.remote.size());
+  prepared->units = static_cast<uint32_t>(frames.size());
+  return prepared;
+}
+
+void TcpLink::post(std::unique_ptr<PreparedOp> op) {
+  auto& frames = static_cast<TcpPrepared&>(*op).frames;
+  if (failed_.load() || closed_.load()) {
+    if (!frames.empty()) {
+      sink_.on_op_failed(frames.front().header.slot,
+                         Error(ErrorCode::kTransport, "data connection to peer is closed"));
+    }
+    return;
+  }
+  // Each frame goes to the connection with the fewest bytes queued, so a large transfer is
+  // striped over all of them while a small one stays on one.
+  for (auto& f : frames) {
+    Conn* best = conns_.front().get();
+    uint64_t best_q = UINT64_MAX;
+    for (auto& c : conns_) {
+      std::lock_guard<std::mutex> lock(c->mu);
+      if (c->queued_bytes < best_q) {
+        best_q = c->queued_bytes;
+        best = c.get();
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(best->mu);
+      best->queued_bytes += frame_bytes(f) + 64;
+      best->queue.push_back(std::move(f));
+    }
+    best->cv.notify_one();
+  }
+}
+
+void TcpLink::send_loop(Conn& c) {
+  std::vector<struct iovec> iov;
+  std::vector<uint8_t> descs;
+  uint8_t header[wire::kDataHeaderSize];
+  while (true) {
+    Frame f;
+    {
+      std::unique_lock<std::mutex> lock(c.mu);
+      c.cv.wait(lock, [&] { return closed_.load() || !c.queue.empty(); });
+      if (closed_.load()) return;
+      f = std::move(c.queue.front());
+      c.queue.pop_front();
+    }
+    try {
+      wire::encode_data_header(f.header, f.remote.data(), header);
+      descs.resize(f.remote.size() * wire::kDataDescSize);
+      wire::encode_descs(f.remote.data(), f.header.nseg, descs.data());
+      iov.clear();
+      iov.push_back(iovec{header, sizeof header});
+      iov.push_back(iovec{descs.data(), descs.size()});
+      uint64_t bytes = frame_bytes(f);
+      if (f.header.type == wire::DataType::kWrite) {
+        iov.insert(iov.end(), f.local.begin(), f.local.end());
+      } else {
+        std::lock_guard<std::mutex> lock(c.reads_mu);
+        auto key = std::make_pair(f.header.slot, f.header.frame);
+        c.reads.emplace(key, std::move(f));
+      }
+      c.sock.sendv_all(iov.data(), iov.size(), "TCP data connection");
+      {
+        std::lock_guard<std::mutex> lock(c.mu);
+        c.queued_bytes -= bytes + 64;
+      }
+    } catch (const Error& e) {
+      broken(e);
+      return;
+    }
+  }
+}
+
+void TcpLink::recv_loop(Conn& c) {
+  uint8_t header[wire::kDataHeaderSize];
+  std::string reason;
+  try {
+    while (!closed_.load()) {
+      c.sock.recv_all(header, sizeof header, "TCP data connection");
+      wire::DataHeader h = wire::decode_data_header(header);
+      wire::verify_data_crc(header, nullptr, 0);
+      if (h.type == wire::DataType::kReadErr) {
+        if (h.payload > wire::kMaxReadErrBytes) fail(ErrorCode::kProtocol, "oversized read error");
+        reason.resize(h.payload);
+        c.sock.recv_all(reason.data(), reason.size(), "TCP data connection");
+        {
+          std::lock_guard<std::mutex> lock(c.reads_mu);
+          c.reads.erase({h.slot, h.frame});
+        }
+        sink_.on_op_failed(h.slot, Error(ErrorCode::kInvalidRequest, "peer refused read: " + reason));
+        continue;
+      }
+      if (h.type != wire::DataType::kReadResp || h.nseg != 0) {
+        fail(ErrorCode::kProtocol, "unexpected data frame type from the target");
+      }
+      Frame f;
+      {
+        std::lock_guard<std::mutex> lock(c.reads_mu);
+        auto it = c.reads.find({h.slot, h.frame});
+        if (it == c.reads.end()) fail(ErrorCode::kProtocol, "read reply for a frame never asked for");
+        f = std::move(it->second);
+        c.reads.erase(it);
+      }
+      if (h.payload != frame_bytes(f)) {
+        fail(ErrorCode::kProtocol, "read reply of " + std::to_string(h.payload) +
+                                       " bytes for a request of " + std::to_string(frame_bytes(f)));
+      }
+      c.sock.recvv_all(f.local.data(), f.local.size(), "TCP data connection");
+      sink_.on_read_landed(h.slot, 1);
+    }
+  } catch (const Error& e) {
+    if (!closed_.load()) broken(e);
+  }
+}
+
+void TcpLink::broken(const Error& e) {
+  if (failed_.exchange(true) || closed_.load()) return;
+  for (auto& c : conns_) c->sock.shutdown_both();
+  sink_.on_link_failed(peer_, e);
+}
+
+void TcpLink::close() {
+  if (closed_.exchange(true)) return;
+  for (auto& c : conns_) {
+    c->sock.shutdown_both();
+    { std::lock_guard<std::mutex> lock(c->mu); }
+    c->cv.notify_all();
+  }
+  threads_.join_all();
+}
+
+}  // namespace kvt::tcp

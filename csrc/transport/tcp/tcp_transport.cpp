@@ -1,0 +1,214 @@
+#include "transport/tcp/tcp_transport.h"
+
+#include <sys/socket.h>
+#include <sys/time.h>
+
+#include <vector>
+
+#include "transport/tcp/tcp_link.h"
+#include "wire/data_frame.h"
+
+namespace kvt::tcp {
+namespace {
+
+constexpr double kHelloTimeoutS = 5.0;
+
+void set_recv_timeout(const net::Socket& s, double seconds) {
+  struct timeval tv{};
+  tv.tv_sec = static_cast<time_t>(seconds);
+  tv.tv_usec = static_cast<suseconds_t>((seconds - static_cast<double>(tv.tv_sec)) * 1e6);
+  ::setsockopt(s.fd(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+}
+
+}  // namespace
+
+TcpTransport::TcpTransport(TransportContext ctx) : ctx_(std::move(ctx)) {
+  listener_ = net::listen_tcp(ctx_.options.listen_host, 0);
+  address_ = net::local_address(listener_);
+  threads_.spawn([this] { accept_loop(); });
+}
+
+TcpTransport::~TcpTransport() { shutdown(); }
+
+TransportCaps TcpTransport::caps() const {
+  TransportCaps c;
+  c.name = "tcp";
+  c.rdma_read = true;
+  c.ordered = false;  // frames are striped over several connections
+  c.software_key_check = true;
+  return c;
+}
+
+void TcpTransport::accept_session(uint64_t peer, uint64_t token) {
+  std::lock_guard<std::mutex> lock(mu_);
+  tokens_[token] = peer;
+}
+
+void TcpTransport::end_session(uint64_t peer) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = tokens_.begin(); it != tokens_.end();) {
+    it = it->second == peer ? tokens_.erase(it) : std::next(it);
+  }
+  for (auto& [_, c] : inbound_) {
+    if (c->peer == peer) c->sock.shutdown_both();
+  }
+}
+
+std::unique_ptr<DataLink> TcpTransport::connect(uint64_t peer, const std::string& remote_address,
+                                                uint64_t token) {
+  auto hp = net::parse_host_port(remote_address);
+  std::vector<net::Socket> sockets;
+  int n = std::max(1, ctx_.options.connections);
+  for (int i = 0; i < n; ++i) {
+    net::Socket s = net::connect_tcp(hp, ctx_.options.connect_timeout_s);
+    wire::DataHeader h;
+    h.type = wire::DataType::kHello;
+    h.slot = token;
+    uint8_t buf[wire::kDataHeaderSize];
+    wire::encode_data_header(h, nullptr, buf);
+    s.send_all(buf, sizeof buf, "TCP data connection to " + remote_address);
+    sockets.push_back(std::move(s));
+  }
+  return std::make_unique<TcpLink>(ctx_.sink, peer, std::move(sockets));
+}
+
+void TcpTransport::accept_loop() {
+  while (!stopping_.load()) {
+    int fd = ::accept4(listener_.fd(), nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EINTR || errno == ECONNABORTED) continue;
+      return;  // listener shut down
+    }
+    auto conn = std::make_shared<Inbound>();
+    conn->sock = net::Socket(fd);
+    net::set_nodelay(conn->sock);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_.load()) return;
+      inbound_[conn.get()] = conn;
+    }
+    threads_.spawn([this, conn] { serve(conn); });
+  }
+}
+
+void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
+  try {
+    // Who is this? A connection that does not present a live session token in time is dropped.
+    set_recv_timeout(conn->sock, kHelloTimeoutS);
+    uint8_t buf[wire::kDataHeaderSize];
+    conn->sock.recv_all(buf, sizeof buf, "TCP data connection");
+    wire::DataHeader h = wire::decode_data_header(buf);
+    wire::verify_data_crc(buf, nullptr, 0);
+    if (h.type != wire::DataType::kHello || h.nseg != 0) {
+      fail(ErrorCode::kProtocol, "TCP data connection did not open with a hello frame");
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = tokens_.find(h.slot);
+      if (it == tokens_.end()) {
+        fail(ErrorCode::kProtocol, "TCP data connection presented an unknown session token");
+      }
+      conn->peer = it->second;
+    }
+    set_recv_timeout(conn->sock, 0);
+    serve_frames(*conn);
+  } catch (const Error& e) {
+    if (!stopping_.load()) ctx_.sink.on_link_failed(conn->peer, e);
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  inbound_.erase(conn.get());
+}
+
+void TcpTransport::serve_frames(Inbound& conn) {
+  uint8_t header[wire::kDataHeaderSize];
+  std::vector<wire::DataDesc> descs;
+  std::vector<uint8_t> raw;
+  std::vector<struct iovec> iov;
+  const std::string what = "TCP data connection";
+  while (!stopping_.load()) {
+    // A clean close between frames is the peer going away, not an error: its control
+    // connection reports that.
+    ssize_t r = ::recv(conn.sock.fd(), header, sizeof header, MSG_WAITALL);
+    if (r == 0) return;
+    if (r != static_cast<ssize_t>(sizeof header)) {
+      if (r > 0) fail(ErrorCode::kProtocol, "TCP data connection closed inside a frame header");
+      fail(ErrorCode::kTransport, "TCP data connection failed while reading a frame header");
+    }
+    wire::DataHeader h = wire::decode_data_header(header);
+    raw.resize(static_cast<size_t>(h.nseg) * wire::kDataDescSize);
+    conn.sock.recv_all(raw.data(), raw.size(), what);
+    descs.resize(h.nseg);
+    wire::decode_descs(raw.data(), h.nseg, descs.data());
+    wire::verify_data_crc(header, descs.data(), h.nseg);
+
+    if (h.type == wire::DataType::kWrite) {
+      auto region = ctx_.regions.check(h.region, h.key, Access::kRemoteWrite);
+      uint64_t total = 0;
+      iov.clear();
+      for (const auto& d : descs) {
+        if (!in_bounds(d.off, d.len, region->nbytes)) {
+          fail(ErrorCode::kProtocol, "write of [" + std::to_string(d.off) + ", +" +
+                                         std::to_string(d.len) + ") outside region " +
+                                         std::to_string(h.region) + " of " +
+                                         std::to_string(region->nbytes) + " bytes");
+        }
+        total += d.len;
+        iov.push_back(iovec{region->base + d.off, d.len});
+      }
+      if (total != h.payload) {
+        fail(ErrorCode::kProtocol, "write frame announces " + std::to_string(h.payload) +
+                                       " payload bytes but its segments sum to " +
+                                       std::to_string(total));
+      }
+      conn.sock.recvv_all(iov.data(), iov.size(), what);
+      ctx_.sink.on_arrival(conn.peer, h.slot, 1);
+    } else if (h.type == wire::DataType::kReadReq) {
+      wire::DataHeader reply;
+      reply.slot = h.slot;
+      reply.frame = h.frame;
+      std::string refusal;
+      std::shared_ptr<const Region> region;
+      iov.clear();
+      try {
+        region = ctx_.regions.check(h.region, h.key, Access::kRemoteRead);
+        for (const auto& d : descs) {
+          if (!in_bounds(d.off, d.len, region->nbytes)) {
+            fail(ErrorCode::kProtocol, "read of [" + std::to_string(d.off) + ", +" +
+                                           std::to_string(d.len) + ") outside region " +
+                                           std::to_string(h.region));
+          }
+          reply.payload += d.len;
+          iov.push_back(iovec{region->base + d.off, d.len});
+        }
+      } catch (const Error& e) {
+        refusal = std::string(e.what()).substr(0, wire::kMaxReadErrBytes);
+      }
+      uint8_t out[wire::kDataHeaderSize];
+      if (!refusal.empty()) {
+        reply.type = wire::DataType::kReadErr;
+        reply.payload = refusal.size();
+        iov.assign(1, iovec{refusal.data(), refusal.size()});
+      } else {
+        reply.type = wire::DataType::kReadResp;
+      }
+      wire::encode_data_header(reply, nullptr, out);
+      iov.insert(iov.begin(), iovec{out, sizeof out});
+      conn.sock.sendv_all(iov.data(), iov.size(), what);
+    } else {
+      fail(ErrorCode::kProtocol, "unexpected data frame type " +
+                                     std::to_string(static_cast<int>(h.type)) + " at the target");
+    }
+  }
+}
+
+void TcpTransport::shutdown() {
+  if (stopping_.exchange(true)) return;
+  listener_.shutdown_both();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [_, c] : inbound_) c->sock.shutdown_both();
+  }
+  threads_.join_all();
+}
+
+}  // namespace kvt::tcp
