@@ -76,7 +76,7 @@ InboundOutcome InboundTracker::fail_locked(std::map<Key, Entry>::iterator it, Er
   return o;
 }
 
-std::optional<InboundOutcome> InboundTracker::abort(uint64_t peer, uint64_t slot,
+std::optional<InboundOutcome> InboundTracker::abort(uint64_t peer, uint64_t slot, ErrorCode code,
                                                     const std::string& reason) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = live_.find({peer, slot});
@@ -84,7 +84,7 @@ std::optional<InboundOutcome> InboundTracker::abort(uint64_t peer, uint64_t slot
     failed_[{peer, slot}] = Clock::now() + kRememberFailed;
     return std::nullopt;
   }
-  return fail_locked(it, ErrorCode::kTransport, "the initiator aborted it: " + reason);
+  return fail_locked(it, code, reason);
 }
 
 std::vector<InboundOutcome> InboundTracker::fail_peer(uint64_t peer, const std::string& reason) {

@@ -34,7 +34,8 @@ class InboundTracker {
   std::optional<InboundOutcome> begin(uint64_t peer, const std::string& peer_name,
                                       const wire::Begin& m);
   std::optional<InboundOutcome> arrive(uint64_t peer, uint64_t slot, uint32_t units);
-  std::optional<InboundOutcome> abort(uint64_t peer, uint64_t slot, const std::string& reason);
+  std::optional<InboundOutcome> abort(uint64_t peer, uint64_t slot, ErrorCode code,
+                                      const std::string& reason);
   std::vector<InboundOutcome> fail_peer(uint64_t peer, const std::string& reason);
   std::vector<InboundOutcome> expire(Clock::time_point now);
   size_t pending() const;

@@ -80,6 +80,11 @@ std::shared_ptr<const Region> RegionRegistry::check(uint32_t id, uint64_t key, A
   return r;
 }
 
+bool RegionRegistry::contains(uint32_t id) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return regions_.count(id) != 0;
+}
+
 void RegionRegistry::set_rkey(uint32_t id, std::string rkey) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = regions_.find(id);

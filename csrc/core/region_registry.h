@@ -45,6 +45,7 @@ class RegionRegistry {
   // the region alive for the duration of the access.
   std::shared_ptr<const Region> lookup(uint32_t id) const;
   std::shared_ptr<const Region> check(uint32_t id, uint64_t key, Access access) const;
+  bool contains(uint32_t id) const;
   void set_rkey(uint32_t id, std::string rkey);
   std::vector<RemoteRegion> exposed() const;  // the regions peers may access
 

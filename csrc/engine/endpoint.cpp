@@ -101,6 +101,22 @@ void Endpoint::deregister_region(uint32_t id, double timeout_s) {
   r.reset();
   regions_.remove(id, timeout_s);
   transport_->deregister_region(copy);
+  // Peers cache what we expose; tell them now so their next write fails before it is sent.
+  std::vector<std::shared_ptr<PeerConn>> inbound;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [_, p] : peers_) {
+      if (!p->outbound && !p->dead) inbound.push_back(p);
+    }
+  }
+  const std::string list = wire::encode_regions(regions_.exposed());
+  for (const auto& p : inbound) {
+    try {
+      p->control->send(wire::MsgType::kRegions, list);
+    } catch (const Error&) {
+      // Its control loop reports the broken connection.
+    }
+  }
 }
 
 std::string Endpoint::info() const {
@@ -309,7 +325,10 @@ void Endpoint::handle(PeerConn& peer, const ControlMessage& m) {
     }
     case MsgType::kAbort: {
       auto [slot, reason] = wire::decode_slot_bytes(m.body, 4096);
-      if (auto o = inbound_.abort(peer.id, slot, reason)) settle(*o);
+      if (auto o = inbound_.abort(peer.id, slot, ErrorCode::kTransport,
+                                  "the initiator aborted it: " + reason)) {
+        settle(*o);
+      }
       break;
     }
     case MsgType::kNotify: {
@@ -520,6 +539,10 @@ void Endpoint::finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code,
 void Endpoint::on_arrival(uint64_t peer, uint64_t slot, uint32_t units) {
   if (auto o = inbound_.arrive(peer, slot, units)) settle(*o);
   add_pending();
+}
+
+void Endpoint::on_refused(uint64_t peer, uint64_t slot, const Error& error) {
+  if (auto o = inbound_.abort(peer, slot, error.code(), error.what())) settle(*o);
 }
 
 void Endpoint::on_read_landed(uint64_t slot, uint32_t units) {

@@ -75,6 +75,7 @@ class Endpoint : public TransportSink {
 
   // TransportSink
   void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) override;
+  void on_refused(uint64_t peer, uint64_t slot, const Error& error) override;
   void on_read_landed(uint64_t slot, uint32_t units) override;
   void on_op_failed(uint64_t slot, const Error& error) override;
   void on_link_failed(uint64_t peer, const Error& error) override;

@@ -60,6 +60,9 @@ class TransportSink {
   virtual ~TransportSink() = default;
   // Target: `units` units of transfer `slot` from peer session `peer` are visible in memory.
   virtual void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) = 0;
+  // Target: a unit of transfer `slot` named a region that is no longer registered; its bytes
+  // were discarded and the transfer fails (a race with deregistration, not an attack).
+  virtual void on_refused(uint64_t peer, uint64_t slot, const Error& error) = 0;
   // Initiator: `units` units of read `slot` have landed in local memory.
   virtual void on_read_landed(uint64_t slot, uint32_t units) = 0;
   // Initiator: the transport gave up on `slot` (error says why).

@@ -142,6 +142,14 @@ void TcpTransport::serve_frames(Inbound& conn) {
     wire::verify_data_crc(header, descs.data(), h.nseg);
 
     if (h.type == wire::DataType::kWrite) {
+      if (!ctx_.regions.contains(h.region)) {
+        discard(conn, h.payload);
+        ctx_.sink.on_refused(conn.peer, h.slot,
+                             Error(ErrorCode::kInvalidRequest,
+                                   "region " + std::to_string(h.region) +
+                                       " was deregistered while the transfer was in flight"));
+        continue;
+      }
       auto region = ctx_.regions.check(h.region, h.key, Access::kRemoteWrite);
       uint64_t total = 0;
       iov.clear();
@@ -198,6 +206,15 @@ void TcpTransport::serve_frames(Inbound& conn) {
       fail(ErrorCode::kProtocol, "unexpected data frame type " +
                                      std::to_string(static_cast<int>(h.type)) + " at the target");
     }
+  }
+}
+
+void TcpTransport::discard(Inbound& conn, uint64_t bytes) {
+  std::vector<char> sink(std::min<uint64_t>(bytes, 1 << 20));
+  while (bytes > 0) {
+    uint64_t n = std::min<uint64_t>(bytes, sink.size());
+    conn.sock.recv_all(sink.data(), n, "TCP data connection");
+    bytes -= n;
   }
 }
 

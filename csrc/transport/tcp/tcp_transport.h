@@ -42,6 +42,7 @@ class TcpTransport : public Transport {
   void accept_loop();
   void serve(std::shared_ptr<Inbound> conn);
   void serve_frames(Inbound& conn);
+  void discard(Inbound& conn, uint64_t bytes);
 
   TransportContext ctx_;
   net::Socket listener_;

@@ -1,0 +1,55 @@
+# Every target sets itself up on a fresh Debian machine: system packages (apt, as root) when
+# missing, the virtualenv in .venv/, the build. `make test` is what CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+APT_PACKAGES := g++ pkg-config python3-venv libfabric-dev libfabric-bin libibverbs-dev \
+                iperf3 iproute2
+CORE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py
+
+.PHONY: all build sysdeps venv test test-fast lint demo bench clean
+
+all: build
+
+sysdeps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "need root (or sudo) for apt-get install$$missing"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.stamp: requirements-dev.txt pyproject.toml | sysdeps
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	@touch $@
+
+venv: sysdeps $(VENV)/.stamp
+
+kvtransfer/_core.stamp: $(VENV)/.stamp $(CORE_SOURCES)
+	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+	$(VPY) setup.py -q build_ext --inplace -j2
+	@touch $@
+
+build: sysdeps kvtransfer/_core.stamp
+
+lint: build
+	$(VENV)/bin/ruff check kvtransfer tests benchmarks examples scripts
+
+test: build
+	@bash scripts/run_tests.sh
+
+# Quick local loop: no vLLM servers, no long fuzzing.
+test-fast: build
+	$(VPY) -m pytest -q -m "not vllm and not slow" tests
+
+demo: build
+	$(VPY) -m kvtransfer.demo
+
+bench: build
+	$(VPY) -m kvtransfer.bench --help
+
+clean:
+	rm -rf build kvtransfer/*.so kvtransfer/_core.stamp

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs every suite, printing each one's time; fails if any suite fails.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+status=0
+summary=()
+
+suite() {  # suite NAME COMMAND...
+  local name=$1; shift
+  echo "=== suite: $name"
+  local t0=$SECONDS
+  "$@"
+  local rc=$?
+  [ $rc -eq 5 ] && rc=0  # pytest: nothing collected (suite skipped on this machine)
+  summary+=("$(printf '%-28s %5ss  %s' "$name" $((SECONDS - t0)) "$([ $rc -eq 0 ] && echo ok || echo FAILED)")")
+  [ $rc -eq 0 ] || status=1
+}
+
+suite "lint (ruff)" .venv/bin/ruff check kvtransfer tests benchmarks
+suite "unit + integration" $PY -m pytest -q -m "not vllm" tests -p no:cacheprovider
+if [ -d tests/integrations/vllm ]; then
+  suite "vllm environment" bash scripts/vllm_env.sh
+  suite "vllm P/D" $PY -m pytest -q -m vllm tests/integrations/vllm -p no:cacheprovider
+fi
+
+echo "=== suite times"
+printf '%s\n' "${summary[@]}"
+exit $status
