@@ -148,19 +148,21 @@ class Endpoint:
     """A kvtransfer endpoint: registers memory, accepts and makes connections, moves bytes.
 
     ``transport``: "tcp", "fabric" (with ``provider``) or "auto". ``timeout`` bounds every
-    transfer and how long a dead peer can keep one pending.
+    transfer and how long a dead peer can keep one pending. ``checksum=True`` adds a crc32c over
+    every payload, checked where it lands (control messages always carry one).
     """
 
     def __init__(self, name: str = "kvtransfer", transport: str = "tcp",
                  listen: str = "127.0.0.1:0", auth_token: str | None = None, *,
                  provider: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 connections: int = 2):
+                 connections: int = 2, checksum: bool = False):
         from .transports import resolve_transport
 
         core_transport = resolve_transport(transport, provider)
         self._core = _core.Endpoint(name=name, transport=core_transport, listen=listen,
                                     auth_token=auth_token or "", timeout=float(timeout),
-                                    connections=int(connections), provider=provider or "")
+                                    connections=int(connections), provider=provider or "",
+                                    checksum=bool(checksum))
         self.name = name
         self.timeout = float(timeout)
         self._regions: dict[int, Region] = {}
@@ -196,17 +198,22 @@ class Endpoint:
 
     # -- transfers
     def write(self, peer: Peer, local: Region, remote_region: int, segments: Any,
-              notify: bytes | None = None, timeout: float | None = None) -> Transfer:
+              notify: bytes | None = None, timeout: float | None = None,
+              checksum: bool | None = None) -> Transfer:
         """Copies local[src:src+len] to the peer's region at dst for each (src, dst, len)."""
-        return self._transfer(True, peer, local, remote_region, segments, notify, timeout)
+        return self._transfer(True, peer, local, remote_region, segments, notify, timeout,
+                              checksum)
 
     def read(self, peer: Peer, local: Region, remote_region: int, segments: Any,
-             notify: bytes | None = None, timeout: float | None = None) -> Transfer:
+             notify: bytes | None = None, timeout: float | None = None,
+             checksum: bool | None = None) -> Transfer:
         """Copies the peer's region at src to local[dst:dst+len] for each (src, dst, len)."""
-        return self._transfer(False, peer, local, remote_region, segments, notify, timeout)
+        return self._transfer(False, peer, local, remote_region, segments, notify, timeout,
+                              checksum)
 
     def _transfer(self, is_write: bool, peer: Peer, local: Region, remote_region: int,
-                  segments: Any, notify: bytes | None, timeout: float | None) -> Transfer:
+                  segments: Any, notify: bytes | None, timeout: float | None,
+                  checksum: bool | None) -> Transfer:
         if not isinstance(peer, Peer):
             raise InvalidRequestError(f"peer must be a Peer from connect(), got {type(peer).__name__}")
         if not isinstance(local, Region):
@@ -214,7 +221,8 @@ class Endpoint:
         payload = None if notify is None else bytes(notify)
         return Transfer(self._core.transfer(is_write, peer._core, local.id, int(remote_region),
                                             as_segments(segments), payload,
-                                            float(timeout or 0.0)))
+                                            float(timeout or 0.0),
+                                            -1 if checksum is None else int(checksum)))
 
     # -- notifications
     def wait_notification(self, payload: bytes, timeout: float = DEFAULT_TIMEOUT) -> Notification:

@@ -25,9 +25,9 @@ def control_frame(mtype: int, body: bytes, version: int = _core.PROTOCOL_VERSION
 
 
 def data_frame(ftype: int, slot: int, region: int = 0, key: int = 0, descs=(), payload: bytes = b"",
-               frame: int = 0, corrupt_crc: bool = False) -> bytes:
+               frame: int = 0, corrupt_crc: bool = False, flags: int = 0) -> bytes:
     rawd = b"".join(struct.pack("<QQ", off, ln) for off, ln in descs)
-    hdr = bytearray(struct.pack("<IHBBIIIIQQQ", DATA_MAGIC, _core.PROTOCOL_VERSION, ftype, 0,
+    hdr = bytearray(struct.pack("<IHBBIIIIQQQ", DATA_MAGIC, _core.PROTOCOL_VERSION, ftype, flags,
                                 len(descs), region, frame, 0, slot, key, len(payload)))
     crc = _core.crc32c(bytes(hdr) + rawd)
     struct.pack_into("<I", hdr, 20, crc ^ (1 if corrupt_crc else 0))

@@ -198,3 +198,46 @@ def test_deregistering_a_target_region_mid_transfer_fails_that_transfer_on_both_
             target.wait_notification(b"gone", timeout=5)
     else:  # the whole transfer landed before the region went away
         assert target.wait_notification(b"gone", timeout=5).payload == b"gone"
+
+
+def test_checksummed_transfers_verify_payload_both_ways(pair):
+    target, initiator = pair
+    bs, n = 64 << 10, 32
+    dst = np.zeros(bs * n, np.uint8)
+    src = np.random.default_rng(9).integers(0, 256, bs * n, dtype=np.uint8)
+    rd = target.register(dst, remote_write=True, remote_read=True)
+    rs = initiator.register(src)
+    peer = initiator.connect(target.info())
+    perm = np.random.default_rng(1).permutation(n)
+    initiator.write(peer, rs, rd.id, block_segments(range(n), perm, bs), notify=b"c",
+                    checksum=True).wait()
+    target.wait_notification(b"c")
+    back = np.zeros_like(src)
+    initiator.read(peer, initiator.register(back), rd.id, block_segments(perm, range(n), bs),
+                   checksum=True).wait()
+    assert (back == src).all()
+
+
+def test_a_flipped_payload_byte_is_a_protocol_error_naming_the_transfer(pair):
+    """A peer whose payload does not match its crc32c: the target fails that transfer (its
+    notification raises ProtocolError) instead of decoding it as complete."""
+    target, _ = pair
+    guarded = np.zeros(64, np.uint8)
+    rg = target.register(guarded, remote_write=True)
+    ctrl, welcome = rc.connect(target.address)
+    key = welcome["regions"][rg.id]["key"]
+    slot = 77
+    begin = struct.pack("<QII", slot, 1, 5000) + b"\x01" + rc.lp(b"flipped")
+    ctrl.sendall(rc.control_frame(rc.BEGIN, begin))
+    payload = bytes(range(16))
+    crc = kvt._core.crc32c(payload)
+    frame = bytearray(rc.data_frame(rc.D_WRITE, slot, rg.id, key, [(0, 16)], payload, flags=1))
+    frame[-3] ^= 0x40  # flip one payload bit in flight
+    d = rc.open_data(welcome)
+    d.sendall(bytes(frame) + struct.pack("<I", crc))
+    with pytest.raises(kvt.ProtocolError, match="flipped.*crc32c"):
+        target.wait_notification(b"flipped", timeout=5)
+    mtype, body = rc.recv_control(ctrl)
+    assert mtype == 7 and struct.unpack_from("<QI", body) == (slot, 5)  # ACK carrying the error
+    d.close()
+    ctrl.close()

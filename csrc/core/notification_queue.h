@@ -19,6 +19,7 @@ struct Notification {
   std::string payload;
   bool failed = false;  // a failure event: the transfer that carried this payload failed
   std::string error;
+  ErrorCode code = ErrorCode::kTransport;  // of a failure: Protocol for corrupted data
 };
 
 class NotificationQueue {
@@ -42,7 +43,8 @@ class NotificationQueue {
         Notification n = std::move(*it);
         items_.erase(it);
         if (n.failed) {
-          fail(ErrorCode::kTransport, "the transfer notifying '" + printable(payload) +
+          fail(n.code == ErrorCode::kProtocol ? ErrorCode::kProtocol : ErrorCode::kTransport,
+               "the transfer notifying '" + printable(payload) +
                                           "' from peer '" + n.peer + "' failed: " + n.error +
                                           "; its destination memory may be partly written");
         }

@@ -333,7 +333,7 @@ void Endpoint::handle(PeerConn& peer, const ControlMessage& m) {
     }
     case MsgType::kNotify: {
       auto [slot, payload] = wire::decode_slot_bytes(m.body, wire::kMaxNotify);
-      notifications_.push(Notification{peer.name, payload, false, ""});
+      notifications_.push(Notification{peer.name, payload, false, "", ErrorCode::kTransport});
       stats_.inbound_done++;
       peer.control->send(MsgType::kAck, wire::encode(wire::Ack{slot, 0, ""}));
       break;
@@ -365,10 +365,10 @@ void Endpoint::handle(PeerConn& peer, const ControlMessage& m) {
 void Endpoint::settle(const InboundOutcome& o) {
   if (o.ok) {
     stats_.inbound_done++;
-    if (o.has_notify) notifications_.push(Notification{o.peer_name, o.payload, false, ""});
+    if (o.has_notify) notifications_.push(Notification{o.peer_name, o.payload, false, "", ErrorCode::kTransport});
   } else {
     stats_.inbound_failed++;
-    if (o.has_notify) notifications_.push(Notification{o.peer_name, o.payload, true, o.error});
+    if (o.has_notify) notifications_.push(Notification{o.peer_name, o.payload, true, o.error, o.code});
   }
   auto peer = find_peer(o.peer);
   if (!peer || peer->dead) return;
@@ -421,20 +421,24 @@ std::map<uint32_t, uint64_t> Endpoint::peer_regions(PeerConn& peer, double timeo
 
 std::shared_ptr<TransferState> Endpoint::write(PeerConn& peer, uint32_t local_region,
                                                uint32_t remote_region, const int64_t* segments,
-                                               size_t n, const std::string* notify, double timeout_s) {
-  return start(OpKind::kWrite, peer, local_region, remote_region, segments, n, notify, timeout_s);
+                                               size_t n, const std::string* notify,
+                                               const TransferOptions& opts) {
+  return start(OpKind::kWrite, peer, local_region, remote_region, segments, n, notify, opts);
 }
 
 std::shared_ptr<TransferState> Endpoint::read(PeerConn& peer, uint32_t local_region,
                                               uint32_t remote_region, const int64_t* segments,
-                                              size_t n, const std::string* notify, double timeout_s) {
-  return start(OpKind::kRead, peer, local_region, remote_region, segments, n, notify, timeout_s);
+                                              size_t n, const std::string* notify,
+                                              const TransferOptions& opts) {
+  return start(OpKind::kRead, peer, local_region, remote_region, segments, n, notify, opts);
 }
 
 std::shared_ptr<TransferState> Endpoint::start(OpKind kind, PeerConn& peer, uint32_t local_region,
                                                uint32_t remote_region, const int64_t* segments,
-                                               size_t n, const std::string* notify, double timeout_s) {
+                                               size_t n, const std::string* notify,
+                                               const TransferOptions& opts) {
   const bool write = kind == OpKind::kWrite;
+  const double timeout_s = opts.timeout_s > 0 ? opts.timeout_s : options_.timeout_s;
   const char* verb = write ? "write" : "read";
   if (closing_) fail(ErrorCode::kInvalidRequest, "endpoint '" + options_.name + "' is closed");
   if (!peer.outbound) {
@@ -442,7 +446,6 @@ std::shared_ptr<TransferState> Endpoint::start(OpKind kind, PeerConn& peer, uint
                                          peer.name + "' connected to us");
   }
   if (peer.dead) fail(ErrorCode::kTransport, "peer '" + peer.name + "' is gone: " + peer.death);
-  if (timeout_s <= 0) timeout_s = options_.timeout_s;
   if (notify && notify->size() > wire::kMaxNotify) {
     fail(ErrorCode::kInvalidRequest, "notification payload of " + std::to_string(notify->size()) +
                                          " bytes is over the limit of " + std::to_string(wire::kMaxNotify));
@@ -461,6 +464,7 @@ std::shared_ptr<TransferState> Endpoint::start(OpKind kind, PeerConn& peer, uint
   OpRequest op;
   op.kind = kind;
   op.remote = remote;
+  op.checksum = opts.checksum < 0 ? options_.checksum : opts.checksum != 0;
   op.segments.reserve(n);
   uint64_t bytes = 0;
   for (size_t i = 0; i < n; ++i) {

@@ -31,6 +31,13 @@ struct EndpointOptions {
   double timeout_s = 5.0;   // default transfer deadline and dead-peer bound
   int connections = 2;      // parallel data connections per peer (TCP)
   std::string provider;     // fabric provider
+  bool checksum = false;    // crc32c over payload bytes too (control messages always have one)
+};
+
+// Per-transfer knobs; negative / unset values take the endpoint's.
+struct TransferOptions {
+  double timeout_s = -1;
+  int checksum = -1;  // -1: endpoint default, 0: off, 1: on
 };
 
 struct PeerConn;
@@ -55,13 +62,13 @@ class Endpoint : public TransportSink {
   std::map<uint32_t, uint64_t> peer_regions(PeerConn& peer, double timeout_s);
 
   // segments: n rows of (src_off, dst_off, len). For a write src is local and dst remote; for
-  // a read src is remote and dst local. timeout_s < 0: the endpoint's default.
+  // a read src is remote and dst local.
   std::shared_ptr<TransferState> write(PeerConn& peer, uint32_t local_region, uint32_t remote_region,
                                        const int64_t* segments, size_t n, const std::string* notify,
-                                       double timeout_s);
+                                       const TransferOptions& opts);
   std::shared_ptr<TransferState> read(PeerConn& peer, uint32_t local_region, uint32_t remote_region,
                                       const int64_t* segments, size_t n, const std::string* notify,
-                                      double timeout_s);
+                                      const TransferOptions& opts);
 
   Notification wait_notification(const std::string& payload, double timeout_s) {
     return notifications_.wait_for(payload, timeout_s);
@@ -83,7 +90,7 @@ class Endpoint : public TransportSink {
  private:
   std::shared_ptr<TransferState> start(OpKind kind, PeerConn& peer, uint32_t local_region,
                                        uint32_t remote_region, const int64_t* segments, size_t n,
-                                       const std::string* notify, double timeout_s);
+                                       const std::string* notify, const TransferOptions& opts);
   RemoteRegion remote_region(PeerConn& peer, uint32_t id, double timeout_s);
   void accept_loop();
   void serve_peer(std::shared_ptr<PeerConn> peer, bool handshake);

@@ -67,7 +67,8 @@ void register_endpoint(py::module_& m) {
 
   py::class_<Endpoint>(m, "Endpoint")
       .def(py::init([](std::string name, std::string transport, std::string listen,
-                       std::string auth_token, double timeout, int connections, std::string provider) {
+                       std::string auth_token, double timeout, int connections, std::string provider,
+                       bool checksum) {
              EndpointOptions o;
              o.name = std::move(name);
              o.transport = std::move(transport);
@@ -76,10 +77,11 @@ void register_endpoint(py::module_& m) {
              o.timeout_s = timeout;
              o.connections = connections;
              o.provider = std::move(provider);
+             o.checksum = checksum;
              return std::make_unique<Endpoint>(std::move(o));
            }),
            py::arg("name"), py::arg("transport"), py::arg("listen"), py::arg("auth_token"),
-           py::arg("timeout"), py::arg("connections"), py::arg("provider"),
+           py::arg("timeout"), py::arg("connections"), py::arg("provider"), py::arg("checksum"),
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("address", &Endpoint::address)
       .def_property_readonly("name", &Endpoint::name)
@@ -110,17 +112,18 @@ void register_endpoint(py::module_& m) {
            py::call_guard<py::gil_scoped_release>())
       .def("transfer", [](Endpoint& ep, bool is_write, PeerConn& peer, uint32_t local,
                           uint32_t remote, const Segments& segs, std::optional<py::bytes> notify,
-                          double timeout) {
+                          double timeout, int checksum) {
              size_t n = 0;
              const int64_t* rows = segment_rows(segs, &n);
              std::optional<std::string> payload;
              if (notify) payload = std::string(*notify);
              const std::string* p = payload ? &*payload : nullptr;
+             TransferOptions opts{timeout, checksum};
              py::gil_scoped_release release;
-             return is_write ? ep.write(peer, local, remote, rows, n, p, timeout)
-                             : ep.read(peer, local, remote, rows, n, p, timeout);
+             return is_write ? ep.write(peer, local, remote, rows, n, p, opts)
+                             : ep.read(peer, local, remote, rows, n, p, opts);
            }, py::arg("is_write"), py::arg("peer"), py::arg("local"), py::arg("remote"),
-           py::arg("segments"), py::arg("notify"), py::arg("timeout"))
+           py::arg("segments"), py::arg("notify"), py::arg("timeout"), py::arg("checksum"))
       .def("wait_notification", [](Endpoint& ep, py::bytes payload, double timeout) {
              std::string p = payload;
              Notification n;

@@ -45,6 +45,7 @@ struct OpRequest {
   std::shared_ptr<const Region> local;
   RemoteRegion remote;
   std::vector<Segment> segments;
+  bool checksum = false;  // crc32c over the payload too, verified where it lands
 };
 
 // Prepare -> post: preparing fixes how many units the target will count before any is sent.

@@ -1,5 +1,7 @@
 #include "wire/crc32c.h"
 
+#include <sys/uio.h>
+
 #include <array>
 #include <cstring>
 
@@ -62,6 +64,12 @@ uint32_t crc32c(const void* data, size_t len, uint32_t crc) {
   crc = crc_table(p, len, crc);
 #endif
   return ~crc;
+}
+
+uint32_t crc32c_iov(const struct iovec* iov, size_t n) {
+  uint32_t crc = 0;
+  for (size_t i = 0; i < n; ++i) crc = crc32c(iov[i].iov_base, iov[i].iov_len, crc);
+  return crc;
 }
 
 }  // namespace kvt::wire

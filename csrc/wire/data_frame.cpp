@@ -19,7 +19,7 @@ uint64_t get_le(const uint8_t* p, int n) {
   return v;
 }
 
-// Layout (little-endian): magic u32 | version u16 | type u8 | pad u8 | nseg u32 | region u32 |
+// Layout (little-endian): magic u32 | version u16 | type u8 | flags u8 | nseg u32 | region u32 |
 // frame u32 | crc u32 | slot u64 | key u64 | payload u64  = 48 bytes.
 constexpr size_t kCrcAt = 20;
 
@@ -57,6 +57,7 @@ void encode_data_header(const DataHeader& h, const DataDesc* descs, uint8_t out[
   put_le(out, kDataMagic, 4);
   put_le(out + 4, kProtocolVersion, 2);
   out[6] = static_cast<uint8_t>(h.type);
+  out[7] = h.flags;
   put_le(out + 8, h.nseg, 4);
   put_le(out + 12, h.region, 4);
   put_le(out + 16, h.frame, 4);
@@ -80,6 +81,10 @@ DataHeader decode_data_header(const uint8_t in[kDataHeaderSize]) {
   uint8_t t = in[6];
   if (t < 1 || t > 5) fail(ErrorCode::kProtocol, "data frame of unknown type " + std::to_string(t));
   h.type = static_cast<DataType>(t);
+  h.flags = in[7];
+  if (h.flags & ~kFlagPayloadCrc) {
+    fail(ErrorCode::kProtocol, "data frame with unknown flags 0x" + std::to_string(h.flags));
+  }
   h.nseg = static_cast<uint32_t>(get_le(in + 8, 4));
   h.region = static_cast<uint32_t>(get_le(in + 12, 4));
   h.frame = static_cast<uint32_t>(get_le(in + 16, 4));

@@ -17,8 +17,12 @@ enum class DataType : uint8_t {
   kReadErr = 5,   // target -> initiator: payload is a UTF-8 reason
 };
 
+// Header flag bits.
+constexpr uint8_t kFlagPayloadCrc = 1;  // a crc32c of the payload (u32 LE) follows the payload
+
 struct DataHeader {
   DataType type = DataType::kWrite;
+  uint8_t flags = 0;
   uint32_t nseg = 0;
   uint32_t region = 0;
   uint32_t frame = 0;    // index of this frame within its transfer

@@ -41,6 +41,7 @@ std::unique_ptr<PreparedOp> TcpLink::prepare(OpRequest op) {
     f.header.region = op.remote.id;
     f.header.key = op.remote.key;
     f.header.frame = static_cast<uint32_t>(frames.size());
+    f.header.flags = op.checksum ? wire::kFlagPayloadCrc : 0;
     f.hold = op.local;
     frames.push_back(std::move(f));
   };
@@ -120,8 +121,13 @@ void TcpLink::send_loop(Conn& c) {
       iov.push_back(iovec{header, sizeof header});
       iov.push_back(iovec{descs.data(), descs.size()});
       uint64_t bytes = frame_bytes(f);
+      uint8_t crc_le[4];
       if (f.header.type == wire::DataType::kWrite) {
         iov.insert(iov.end(), f.local.begin(), f.local.end());
+        if (f.header.flags & wire::kFlagPayloadCrc) {
+          wire::put_u32_le(crc_le, wire::crc32c_iov(f.local.data(), f.local.size()));
+          iov.push_back(iovec{crc_le, 4});
+        }
       } else {
         std::lock_guard<std::mutex> lock(c.reads_mu);
         auto key = std::make_pair(f.header.slot, f.header.frame);
@@ -173,7 +179,19 @@ void TcpLink::recv_loop(Conn& c) {
         fail(ErrorCode::kProtocol, "read reply of " + std::to_string(h.payload) +
                                        " bytes for a request of " + std::to_string(frame_bytes(f)));
       }
-      c.sock.recvv_all(f.local.data(), f.local.size(), "TCP data connection");
+      std::vector<struct iovec> dst = f.local;  // recvv_all consumes its iovec array
+      c.sock.recvv_all(dst.data(), dst.size(), "TCP data connection");
+      if (h.flags & wire::kFlagPayloadCrc) {
+        uint8_t crc_le[4];
+        c.sock.recv_all(crc_le, 4, "TCP data connection");
+        if (wire::get_u32_le(crc_le) != wire::crc32c_iov(f.local.data(), f.local.size())) {
+          sink_.on_op_failed(h.slot, Error(ErrorCode::kProtocol,
+                                           "read payload of transfer " + std::to_string(h.slot) +
+                                               " (frame " + std::to_string(h.frame) +
+                                               ") fails its crc32c: corrupted in flight"));
+          continue;
+        }
+      }
       sink_.on_read_landed(h.slot, 1);
     }
   } catch (const Error& e) {

@@ -13,6 +13,7 @@
 #include "core/thread_set.h"
 #include "net/socket.h"
 #include "transport/transport.h"
+#include "wire/crc32c.h"
 #include "wire/data_frame.h"
 
 namespace kvt::tcp {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "transport/tcp/tcp_link.h"
+#include "wire/crc32c.h"
 #include "wire/data_frame.h"
 
 namespace kvt::tcp {
@@ -168,7 +169,22 @@ void TcpTransport::serve_frames(Inbound& conn) {
                                        " payload bytes but its segments sum to " +
                                        std::to_string(total));
       }
-      conn.sock.recvv_all(iov.data(), iov.size(), what);
+      if (h.flags & wire::kFlagPayloadCrc) {
+        std::vector<struct iovec> landed = iov;  // recvv_all consumes its iovec array
+        conn.sock.recvv_all(iov.data(), iov.size(), what);
+        uint8_t crc_le[4];
+        conn.sock.recv_all(crc_le, 4, what);
+        if (wire::get_u32_le(crc_le) != wire::crc32c_iov(landed.data(), landed.size())) {
+          ctx_.sink.on_refused(conn.peer, h.slot,
+                               Error(ErrorCode::kProtocol,
+                                     "payload of transfer " + std::to_string(h.slot) + " (frame " +
+                                         std::to_string(h.frame) +
+                                         ") fails its crc32c: corrupted in flight"));
+          continue;
+        }
+      } else {
+        conn.sock.recvv_all(iov.data(), iov.size(), what);
+      }
       ctx_.sink.on_arrival(conn.peer, h.slot, 1);
     } else if (h.type == wire::DataType::kReadReq) {
       wire::DataHeader reply;
@@ -192,6 +208,12 @@ void TcpTransport::serve_frames(Inbound& conn) {
         refusal = std::string(e.what()).substr(0, wire::kMaxReadErrBytes);
       }
       uint8_t out[wire::kDataHeaderSize];
+      uint8_t crc_le[4];
+      if (refusal.empty() && (h.flags & wire::kFlagPayloadCrc)) {
+        reply.flags = wire::kFlagPayloadCrc;
+        wire::put_u32_le(crc_le, wire::crc32c_iov(iov.data(), iov.size()));
+        iov.push_back(iovec{crc_le, 4});
+      }
       if (!refusal.empty()) {
         reply.type = wire::DataType::kReadErr;
         reply.payload = refusal.size();
