@@ -149,20 +149,21 @@ class Endpoint:
 
     ``transport``: "tcp", "fabric" (with ``provider``) or "auto". ``timeout`` bounds every
     transfer and how long a dead peer can keep one pending. ``checksum=True`` adds a crc32c over
-    every payload, checked where it lands (control messages always carry one).
+    every payload, checked where it lands (control messages always carry one). ``faults``
+    injects failures for testing (docs/transports.md), e.g. "reorder=1,delay_ms=5".
     """
 
     def __init__(self, name: str = "kvtransfer", transport: str = "tcp",
                  listen: str = "127.0.0.1:0", auth_token: str | None = None, *,
                  provider: str | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 connections: int = 2, checksum: bool = False):
+                 connections: int = 2, checksum: bool = False, faults: str = ""):
         from .transports import resolve_transport
 
         core_transport = resolve_transport(transport, provider)
         self._core = _core.Endpoint(name=name, transport=core_transport, listen=listen,
                                     auth_token=auth_token or "", timeout=float(timeout),
                                     connections=int(connections), provider=provider or "",
-                                    checksum=bool(checksum))
+                                    checksum=bool(checksum), faults=faults)
         self.name = name
         self.timeout = float(timeout)
         self._regions: dict[int, Region] = {}

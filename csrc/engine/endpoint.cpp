@@ -66,7 +66,13 @@ Endpoint::Endpoint(EndpointOptions options)
   topts.connections = options_.connections;
   topts.provider = options_.provider;
   topts.connect_timeout_s = options_.timeout_s;
-  transport_ = make_transport(options_.transport, TransportContext{regions_, *this, topts});
+  if (options_.faults.empty()) {
+    transport_ = make_transport(options_.transport, TransportContext{regions_, *this, topts});
+  } else {
+    auto injector = std::make_unique<fault::FaultInjector>(fault::parse_fault_spec(options_.faults), *this);
+    injector->wrap(make_transport(options_.transport, TransportContext{regions_, *injector, topts}));
+    transport_ = std::move(injector);
+  }
   listener_ = net::listen_tcp(hp.host, hp.port);
   address_ = net::local_address(listener_);
   threads_.spawn([this] { accept_loop(); });

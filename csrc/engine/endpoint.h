@@ -19,6 +19,7 @@
 #include "core/transfer_state.h"
 #include "engine/control_channel.h"
 #include "engine/endpoint_stats.h"
+#include "transport/fault/fault_injector.h"
 #include "transport/transport.h"
 
 namespace kvt {
@@ -32,6 +33,7 @@ struct EndpointOptions {
   int connections = 2;      // parallel data connections per peer (TCP)
   std::string provider;     // fabric provider
   bool checksum = false;    // crc32c over payload bytes too (control messages always have one)
+  std::string faults;       // fault injection spec (transport/fault/), empty: none
 };
 
 // Per-transfer knobs; negative / unset values take the endpoint's.

@@ -68,7 +68,7 @@ void register_endpoint(py::module_& m) {
   py::class_<Endpoint>(m, "Endpoint")
       .def(py::init([](std::string name, std::string transport, std::string listen,
                        std::string auth_token, double timeout, int connections, std::string provider,
-                       bool checksum) {
+                       bool checksum, std::string faults) {
              EndpointOptions o;
              o.name = std::move(name);
              o.transport = std::move(transport);
@@ -78,10 +78,12 @@ void register_endpoint(py::module_& m) {
              o.connections = connections;
              o.provider = std::move(provider);
              o.checksum = checksum;
+             o.faults = std::move(faults);
              return std::make_unique<Endpoint>(std::move(o));
            }),
            py::arg("name"), py::arg("transport"), py::arg("listen"), py::arg("auth_token"),
            py::arg("timeout"), py::arg("connections"), py::arg("provider"), py::arg("checksum"),
+           py::arg("faults") = "",
            py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("address", &Endpoint::address)
       .def_property_readonly("name", &Endpoint::name)
