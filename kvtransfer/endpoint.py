@@ -96,7 +96,8 @@ class Peer:
 class Transfer:
     """One write or read: PENDING until the target acknowledged it, then DONE or ERROR."""
 
-    def __init__(self, core_transfer: Any):
+    def __init__(self, ep: Endpoint, core_transfer: Any):
+        self._ep = ep
         self._core = core_transfer
 
     @property
@@ -120,6 +121,12 @@ class Transfer:
 
     def done(self) -> bool:
         return self._core.status != Status.PENDING
+
+    def cancel(self) -> bool:
+        """Best effort: ends the transfer in ERROR now and tells the target, whose wait for
+        the notification then raises. Bytes already in flight may still land. False if the
+        transfer had already ended."""
+        return self._ep._core.cancel(self._core)
 
     def wait(self, timeout: float | None = DEFAULT_TIMEOUT) -> Transfer:
         """Waits for the end; raises the transfer's error if it failed, kvtransfer.TimeoutError
@@ -220,7 +227,7 @@ class Endpoint:
         if not isinstance(local, Region):
             raise InvalidRequestError(f"local must be a Region from register(), got {type(local).__name__}")
         payload = None if notify is None else bytes(notify)
-        return Transfer(self._core.transfer(is_write, peer._core, local.id, int(remote_region),
+        return Transfer(self, self._core.transfer(is_write, peer._core, local.id, int(remote_region),
                                             as_segments(segments), payload,
                                             float(timeout or 0.0),
                                             -1 if checksum is None else int(checksum)))

@@ -8,19 +8,21 @@ import signal
 import time
 
 import numpy as np
-import peers
 
 import kvtransfer as kvt
+from kvtransfer.testing import peers
+
+TCP: dict = {"transport": "tcp"}
 
 MiB = 1 << 20
 
 
 def test_256_mib_between_two_processes_verified(spawn):
     bs, n = 64 << 10, 4096  # 256 MiB of 64 KiB blocks, scattered
-    tproc, tconn = spawn(peers.run_target, bs * n, 1)
+    tproc, tconn = spawn(peers.run_target, TCP, bs * n, 1)
     info, rid = tconn.recv()
     table = np.random.default_rng(11).permutation(n)
-    iproc, iconn = spawn(peers.run_initiator, info, rid, bs, n, table, b"bulk", 7)
+    iproc, iconn = spawn(peers.run_initiator, TCP, info, rid, bs, n, table, b"bulk", 7)
     assert iconn.recv() == "connected"
     tconn.send((b"bulk", 7, bs, table))
     done = iconn.recv()
@@ -33,12 +35,12 @@ def test_256_mib_between_two_processes_verified(spawn):
 
 def test_four_initiators_write_into_one_target_at_once(spawn):
     bs, per = 256 << 10, 64
-    tproc, tconn = spawn(peers.run_target, bs * per * 4, 4)
+    tproc, tconn = spawn(peers.run_target, TCP, bs * per * 4, 4)
     info, rid = tconn.recv()
     tables = np.random.default_rng(3).permutation(per * 4).reshape(4, per)
     conns = []
     for i in range(4):
-        _, c = spawn(peers.run_initiator, info, rid, bs, per, tables[i], b"init-%d" % i, 100 + i, 3)
+        _, c = spawn(peers.run_initiator, TCP, info, rid, bs, per, tables[i], b"init-%d" % i, 100 + i, 3)
         conns.append(c)
     for c in conns:
         assert c.recv() == "connected"
@@ -55,7 +57,7 @@ def test_four_initiators_write_into_one_target_at_once(spawn):
 
 
 def test_killed_target_turns_pending_transfers_to_error_quickly(spawn):
-    tproc, tconn = spawn(peers.run_target, 512 * MiB, 1, 30.0)
+    tproc, tconn = spawn(peers.run_target, TCP, 512 * MiB, 1, 30.0)
     info, rid = tconn.recv()
     with kvt.Endpoint("prefill", timeout=30.0) as ep:
         src = ep.register(np.ones(512 * MiB, np.uint8))
@@ -82,7 +84,7 @@ def test_killed_initiator_fails_the_targets_notification(spawn):
     with kvt.Endpoint("decode", timeout=30.0) as ep:
         dst = np.zeros(1024 * MiB, np.uint8)
         rd = ep.register(dst, remote_write=True)
-        iproc, iconn = spawn(peers.run_initiator, ep.info(), rd.id, MiB, 1024, np.arange(1024),
+        iproc, iconn = spawn(peers.run_initiator, TCP, ep.info(), rd.id, MiB, 1024, np.arange(1024),
                              b"doomed", 5, 1, 30.0)
         assert iconn.recv() == "connected"
         deadline = time.monotonic() + 10
@@ -107,7 +109,7 @@ def test_killed_initiator_fails_the_targets_notification(spawn):
 
 def test_a_transfer_past_its_deadline_fails_on_both_sides(spawn):
     """A frozen target (SIGSTOP) fails the transfer at its deadline, not never."""
-    tproc, tconn = spawn(peers.run_target, 64 * MiB, 1, 2.0)
+    tproc, tconn = spawn(peers.run_target, TCP, 64 * MiB, 1, 2.0)
     info, rid = tconn.recv()
     with kvt.Endpoint("prefill", timeout=1.0) as ep:
         src = ep.register(np.ones(64 * MiB, np.uint8))

@@ -534,14 +534,16 @@ void Endpoint::finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code,
     x = it->second;
     transfers_.erase(it);
   }
-  if (!x->finish(s, code, error)) return;
+  // Only the caller that removed it from the table gets here, so count before waking waiters:
+  // whoever returns from wait() then sees the stats already include this transfer.
   if (s == TransferStatus::kDone) {
     stats_.transfers_done++;
     (x->kind == OpKind::kWrite ? stats_.bytes_written : stats_.bytes_read) += x->bytes;
-    stats_.add_latency(x->latency_s());
+    stats_.add_latency(std::chrono::duration<double>(Clock::now() - x->start).count());
   } else {
     stats_.transfers_failed++;
   }
+  x->finish(s, code, error);
 }
 
 // ---------------------------------------------------------------- transport upcalls
@@ -692,12 +694,7 @@ void Endpoint::watchdog_loop() {
     for (const auto& x : late) {
       finish_transfer(x->slot, TransferStatus::kError, ErrorCode::kTimeout,
                       "transfer deadline passed before the target acknowledged it");
-      if (auto peer = find_peer(x->peer); peer && !peer->dead) {
-        try {
-          peer->control->send(wire::MsgType::kAbort, wire::encode_slot_bytes(x->slot, "deadline passed"));
-        } catch (const Error&) {
-        }
-      }
+      abort_remote(x->peer, x->slot, "deadline passed");
     }
     for (const auto& o : inbound_.expire(now)) settle(o);
     lock.lock();
@@ -705,6 +702,23 @@ void Endpoint::watchdog_loop() {
 }
 
 // ---------------------------------------------------------------- shutdown
+
+bool Endpoint::cancel(TransferState& x) {
+  if (x.status() != TransferStatus::kPending) return false;
+  finish_transfer(x.slot, TransferStatus::kError, ErrorCode::kTransport, "cancelled by the initiator");
+  abort_remote(x.peer, x.slot, "cancelled by the initiator");
+  return x.status() == TransferStatus::kError;
+}
+
+void Endpoint::abort_remote(uint64_t peer_id, uint64_t slot, const std::string& reason) {
+  if (auto peer = find_peer(peer_id); peer && !peer->dead) {
+    try {
+      peer->control->send(wire::MsgType::kAbort, wire::encode_slot_bytes(slot, reason));
+    } catch (const Error&) {
+      // The control loop reports the broken connection.
+    }
+  }
+}
 
 void Endpoint::disconnect(PeerConn& peer) {
   peer_failed(peer.id, Error(ErrorCode::kTransport, "disconnected by this endpoint"));

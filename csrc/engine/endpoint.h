@@ -77,6 +77,9 @@ class Endpoint : public TransportSink {
   }
   std::vector<Notification> notifications() { return notifications_.drain(); }
   std::vector<Error> errors() const;
+  // Best effort: ends a pending transfer in ERROR now and tells the target to fail it too
+  // (bytes already in flight may still land there). False if it had already ended.
+  bool cancel(TransferState& x);
   // Closes a peer we connected to: its transfers in flight end in ERROR.
   void disconnect(PeerConn& peer);
   StatsSnapshot stats() const { return stats_.snapshot(); }
@@ -107,6 +110,7 @@ class Endpoint : public TransportSink {
   void add_pending();
   std::shared_ptr<PeerConn> find_peer(uint64_t id);
   void reap_dead_peers();
+  void abort_remote(uint64_t peer, uint64_t slot, const std::string& reason);
 
   EndpointOptions options_;
   RegionRegistry regions_;

@@ -110,6 +110,7 @@ void register_endpoint(py::module_& m) {
              return ep.connect(t, timeout);
            }, py::arg("target"), py::arg("timeout"))
       .def("disconnect", &Endpoint::disconnect, py::call_guard<py::gil_scoped_release>())
+      .def("cancel", &Endpoint::cancel, py::call_guard<py::gil_scoped_release>())
       .def("peer_regions", &Endpoint::peer_regions, py::arg("peer"), py::arg("timeout"),
            py::call_guard<py::gil_scoped_release>())
       .def("transfer", [](Endpoint& ep, bool is_write, PeerConn& peer, uint32_t local,
