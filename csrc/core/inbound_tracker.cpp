@@ -12,7 +12,8 @@ Clock::duration seconds(double s) {
 }  // namespace
 
 std::optional<InboundOutcome> InboundTracker::begin(uint64_t peer, const std::string& peer_name,
-                                                    const wire::Begin& m) {
+                                                    const wire::Begin& m,
+                                                    Clock::time_point deadline) {
   std::lock_guard<std::mutex> lock(mu_);
   Key k{peer, m.slot};
   if (failed_.count(k)) return std::nullopt;
@@ -26,7 +27,10 @@ std::optional<InboundOutcome> InboundTracker::begin(uint64_t peer, const std::st
   e.has_notify = m.has_notify;
   e.payload = m.notify;
   e.peer_name = peer_name;
-  e.deadline = Clock::now() + std::chrono::milliseconds(m.deadline_ms);
+  e.deadline = deadline;
+  if (deadline <= Clock::now()) {
+    return fail_locked(it, ErrorCode::kTimeout, "deadline passed before the transfer began here");
+  }
   return settle_locked(k);
 }
 

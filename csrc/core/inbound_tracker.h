@@ -31,8 +31,10 @@ class InboundTracker {
  public:
   explicit InboundTracker(double default_timeout_s) : default_timeout_s_(default_timeout_s) {}
 
+  // `deadline` is on this host's clock: the endpoint maps the initiator's start time onto it,
+  // so a BEGIN read late (this process was frozen) is already expired and fails at once.
   std::optional<InboundOutcome> begin(uint64_t peer, const std::string& peer_name,
-                                      const wire::Begin& m);
+                                      const wire::Begin& m, Clock::time_point deadline);
   std::optional<InboundOutcome> arrive(uint64_t peer, uint64_t slot, uint32_t units);
   std::optional<InboundOutcome> abort(uint64_t peer, uint64_t slot, ErrorCode code,
                                       const std::string& reason);

@@ -15,6 +15,10 @@ namespace {
 
 constexpr double kHandshakeTimeoutS = 5.0;
 
+int64_t monotonic_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
+
 uint64_t random_u64() {
   std::string b = auth::random_bytes(8);
   uint64_t v;
@@ -166,7 +170,8 @@ std::shared_ptr<PeerConn> Endpoint::connect(const std::string& info_or_address, 
 void Endpoint::handshake_as_client(PeerConn& peer, double timeout_s) {
   ControlChannel& ch = *peer.control;
   const std::string who = "peer at " + peer.address;
-  wire::Hello hello{wire::kProtocolVersion, options_.name, auth::random_bytes(16)};
+  wire::Hello hello{wire::kProtocolVersion, options_.name, auth::random_bytes(16),
+                    static_cast<uint64_t>(monotonic_ns())};
   ch.send(wire::MsgType::kHello, wire::encode(hello));
   auto ch_msg = wire::decode_challenge(expect(ch, wire::MsgType::kChallenge, who).body);
   peer.name = ch_msg.name;
@@ -218,6 +223,10 @@ void Endpoint::handshake_as_server(PeerConn& peer) {
   }
   auto hello = wire::decode_hello(hello_msg.body);
   peer.name = hello.name;
+  if (hello.clock_ns != 0) {
+    peer.has_clock_offset = true;
+    peer.clock_offset_ns = monotonic_ns() - static_cast<int64_t>(hello.clock_ns);
+  }
   const std::string who = "peer '" + peer.name + "' at " + peer.address;
   if (hello.version != wire::kProtocolVersion) {
     std::string msg = version_mismatch(hello.version, who);
@@ -312,7 +321,14 @@ void Endpoint::handle(PeerConn& peer, const ControlMessage& m) {
   }
   switch (m.type) {
     case MsgType::kBegin: {
-      auto o = inbound_.begin(peer.id, peer.name, wire::decode_begin(m.body));
+      auto begin = wire::decode_begin(m.body);
+      auto deadline = Clock::now() + std::chrono::milliseconds(begin.deadline_ms);
+      if (peer.has_clock_offset && begin.start_ns != 0) {
+        int64_t start_here = static_cast<int64_t>(begin.start_ns) + peer.clock_offset_ns;
+        deadline = Clock::time_point(std::chrono::nanoseconds(start_here)) +
+                   std::chrono::milliseconds(begin.deadline_ms);
+      }
+      auto o = inbound_.begin(peer.id, peer.name, begin, deadline);
       add_pending();
       if (o) settle(*o);
       break;
@@ -508,7 +524,9 @@ std::shared_ptr<TransferState> Endpoint::start(OpKind kind, PeerConn& peer, uint
   add_pending();
   if (write) {
     wire::Begin begin{slot, prepared->units, static_cast<uint32_t>(timeout_s * 1000), x->has_notify,
-                      x->notify};
+                      x->notify,
+                      static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                                x->start.time_since_epoch()).count())};
     try {
       peer.control->send(wire::MsgType::kBegin, wire::encode(begin));
     } catch (const Error& e) {

@@ -153,6 +153,10 @@ struct PeerConn {
   std::condition_variable cv;
   std::map<uint32_t, RemoteRegion> regions;
   uint64_t regions_version = 0;
+  // Our CLOCK_MONOTONIC minus the peer's, measured at the handshake (includes the one-way
+  // delay, which only makes deadlines later, never earlier). Unset when the peer sent none.
+  bool has_clock_offset = false;
+  int64_t clock_offset_ns = 0;
 };
 
 }  // namespace kvt

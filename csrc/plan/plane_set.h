@@ -5,6 +5,7 @@
 // regions the transport moves bytes between; offsets are relative to the buffer's start.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 

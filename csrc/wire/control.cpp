@@ -48,15 +48,30 @@ std::vector<RemoteRegion> get_regions(Reader& rd) {
   return out;
 }
 
+// The frame's crc32c covers its header (crc field as zero) and then its body, so a flipped type,
+// version or length bit is caught like a flipped body bit. The header fields determine the
+// header bytes exactly, so the receiver recomputes it from the decoded fields.
+uint32_t frame_crc(uint16_t version, uint16_t type, uint32_t length, const std::string& body) {
+  Writer w;
+  w.u32(kControlMagic);
+  w.u16(version);
+  w.u16(type);
+  w.u32(length);
+  w.u32(0);
+  return crc32c(body.data(), body.size(), crc32c(w.str().data(), w.size()));
+}
+
 }  // namespace
 
 std::string encode_control(MsgType type, const std::string& body) {
+  const auto t = static_cast<uint16_t>(type);
+  const auto length = static_cast<uint32_t>(body.size());
   Writer w;
   w.u32(kControlMagic);
   w.u16(kProtocolVersion);
-  w.u16(static_cast<uint16_t>(type));
-  w.u32(static_cast<uint32_t>(body.size()));
-  w.u32(crc32c(body.data(), body.size()));
+  w.u16(t);
+  w.u32(length);
+  w.u32(frame_crc(kProtocolVersion, t, length, body));
   w.raw(body.data(), body.size());
   return std::move(w.str());
 }
@@ -83,7 +98,7 @@ ControlHeader decode_control_header(const uint8_t in[kControlHeaderSize]) {
 }
 
 void verify_control_body(const ControlHeader& h, const std::string& body) {
-  if (crc32c(body.data(), body.size()) != h.crc) {
+  if (frame_crc(h.version, static_cast<uint16_t>(h.type), h.length, body) != h.crc) {
     fail(ErrorCode::kProtocol, "control message fails its crc32c (corrupted)");
   }
 }
@@ -93,8 +108,13 @@ std::string encode(const Hello& m) {
   w.u16(m.version);
   w.bytes(m.name);
   w.bytes(m.nonce);
+  w.u64(m.clock_ns);
   return std::move(w.str());
 }
+
+// Body decoders read the fields they know and ignore any bytes after them: a newer minor
+// version may append fields, and an older peer skips them (docs/wire-format.md, "Versions").
+// Every length and count is checked against a cap and against the bytes present first.
 
 Hello decode_hello(const std::string& body) {
   Reader rd(body, "HELLO");
@@ -102,6 +122,7 @@ Hello decode_hello(const std::string& body) {
   m.version = rd.u16();
   m.name = rd.bytes(kMaxName);
   m.nonce = rd.bytes(kMaxNonce);
+  if (rd.remaining() >= 8) m.clock_ns = rd.u64();
   return m;  // trailing bytes allowed: newer minor versions may append fields
 }
 
@@ -167,6 +188,7 @@ std::string encode(const Begin& m) {
   w.u32(m.deadline_ms);
   w.u8(m.has_notify ? 1 : 0);
   w.bytes(m.notify);
+  w.u64(m.start_ns);
   return std::move(w.str());
 }
 
@@ -178,6 +200,7 @@ Begin decode_begin(const std::string& body) {
   m.deadline_ms = rd.u32();
   m.has_notify = rd.u8() != 0;
   m.notify = rd.bytes(kMaxNotify);
+  if (rd.remaining() >= 8) m.start_ns = rd.u64();
   return m;
 }
 

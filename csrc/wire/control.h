@@ -1,5 +1,6 @@
 // Control messages between endpoints (handshake, transfer begin/ack, regions, notifications),
-// each framed as: magic u32 | version u16 | type u16 | body length u32 | crc32c(body) u32 | body.
+// each framed as: magic u32 | version u16 | type u16 | body length u32 | crc32c u32 | body,
+// the crc32c covering the header (with its crc field zero) and then the body.
 #pragma once
 
 #include <cstdint>
@@ -44,6 +45,9 @@ struct Hello {
   uint16_t version = 0;
   std::string name;
   std::string nonce;
+  // The client's CLOCK_MONOTONIC (ns) when it sent HELLO: lets the server map the client's
+  // transfer start times onto its own clock (0 from a peer that does not send it).
+  uint64_t clock_ns = 0;
 };
 struct Challenge {
   uint16_t version = 0;
@@ -68,6 +72,7 @@ struct Begin {
   uint32_t deadline_ms = 0;
   bool has_notify = false;
   std::string notify;
+  uint64_t start_ns = 0;  // the initiator's CLOCK_MONOTONIC when the transfer started (0: unknown)
 };
 struct Ack {
   uint64_t slot = 0;

@@ -33,6 +33,10 @@ class FaultLink : public DataLink {
     p->slot = op.slot;
     for (const auto& s : op.segments) p->bytes += s.len;
     if (owner_.spec().reorder) std::shuffle(op.segments.begin(), op.segments.end(), rng_);
+    if (owner_.spec().corrupt_key) {
+      op.remote.key ^= 0x5A5A5A5A5A5A5A5Aull;
+      for (auto& c : op.remote.rkey) c = static_cast<char>(c ^ 0x5A);
+    }
     p->inner = inner_->prepare(std::move(op));
     p->units = p->inner->units;
     return p;
@@ -148,12 +152,14 @@ FaultSpec parse_fault_spec(const std::string& spec) {
       out.arrival_delay_ms = v;
     } else if (key == "drop_after_bytes") {
       out.drop_after_bytes = static_cast<uint64_t>(v);
+    } else if (key == "corrupt_key") {
+      out.corrupt_key = v != 0;
     } else if (key == "seed") {
       out.seed = static_cast<uint64_t>(v);
     } else {
       fail(ErrorCode::kInvalidRequest,
            "fault spec: unknown key '" + key +
-               "' (known: reorder, delay_ms, arrival_delay_ms, drop_after_bytes, seed)");
+               "' (known: reorder, delay_ms, arrival_delay_ms, drop_after_bytes, corrupt_key, seed)");
     }
   }
   return out;

@@ -1,7 +1,7 @@
 // Fault injection as a decorator around any transport, so the completion contract is proven
 // under delays, reordering (what EFA's SRD does) and dropped connections on every build, not
 // only on EFA. Enabled per endpoint with a spec string (Endpoint(faults="...")), e.g.
-//   "reorder=1,delay_ms=20,arrival_delay_ms=1,drop_after_bytes=1048576,seed=7"
+//   "reorder=1,delay_ms=20,arrival_delay_ms=1,drop_after_bytes=1048576,corrupt_key=1,seed=7"
 #pragma once
 
 #include <atomic>
@@ -21,6 +21,7 @@ struct FaultSpec {
   double delay_ms = 0;             // hold each operation this long before posting it
   double arrival_delay_ms = 0;     // target: report each arrived unit this much later
   uint64_t drop_after_bytes = 0;   // initiator: drop the data link once this many bytes posted
+  bool corrupt_key = false;        // initiator: present wrong remote keys (the target must refuse)
   uint64_t seed = 1;
 };
 
