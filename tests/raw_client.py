@@ -21,7 +21,9 @@ def lp(b: bytes) -> bytes:
 
 
 def control_frame(mtype: int, body: bytes, version: int = _core.PROTOCOL_VERSION) -> bytes:
-    return struct.pack("<IHHII", CONTROL_MAGIC, version, mtype, len(body), _core.crc32c(body)) + body
+    # The crc32c covers the header (crc field zero), then the body.
+    crc = _core.crc32c(struct.pack("<IHHII", CONTROL_MAGIC, version, mtype, len(body), 0) + body)
+    return struct.pack("<IHHII", CONTROL_MAGIC, version, mtype, len(body), crc) + body
 
 
 def data_frame(ftype: int, slot: int, region: int = 0, key: int = 0, descs=(), payload: bytes = b"",
