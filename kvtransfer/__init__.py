@@ -14,6 +14,8 @@ from .errors import (
     TransportError,
 )
 from .layout import KVLayout
+from .receiver import KVReceiver, RequestFailed
+from .sender import KVSender, KVStream
 
 __version__ = "0.1.0"
 
@@ -24,11 +26,15 @@ __all__ = [
     "InvalidRequestError",
     "KVCache",
     "KVLayout",
+    "KVReceiver",
+    "KVSender",
+    "KVStream",
     "KVTransferError",
     "Notification",
     "Peer",
     "ProtocolError",
     "Region",
+    "RequestFailed",
     "Status",
     "TimeoutError",
     "Transfer",

@@ -37,6 +37,7 @@ def buffer_address(buf: Any) -> tuple[int, int, Any, bool]:
                 f"cannot register {type(buf).__name__}: pass a numpy array, bytearray, "
                 "memoryview, torch tensor or (address, nbytes)") from e
     if not arr.flags.c_contiguous:
-        raise InvalidRequestError("cannot register a non-contiguous array: use np.ascontiguousarray")
+        raise InvalidRequestError(
+            "cannot register a non-contiguous array: use np.ascontiguousarray")
     address = int(arr.__array_interface__["data"][0])
     return address, int(arr.nbytes), buf, bool(arr.flags.writeable)

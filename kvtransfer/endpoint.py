@@ -223,14 +223,16 @@ class Endpoint:
                   segments: Any, notify: bytes | None, timeout: float | None,
                   checksum: bool | None) -> Transfer:
         if not isinstance(peer, Peer):
-            raise InvalidRequestError(f"peer must be a Peer from connect(), got {type(peer).__name__}")
+            raise InvalidRequestError(
+                f"peer must be a Peer from connect(), got {type(peer).__name__}")
         if not isinstance(local, Region):
-            raise InvalidRequestError(f"local must be a Region from register(), got {type(local).__name__}")
+            raise InvalidRequestError(
+                f"local must be a Region from register(), got {type(local).__name__}")
         payload = None if notify is None else bytes(notify)
-        return Transfer(self, self._core.transfer(is_write, peer._core, local.id, int(remote_region),
-                                            as_segments(segments), payload,
-                                            float(timeout or 0.0),
-                                            -1 if checksum is None else int(checksum)))
+        core = self._core.transfer(is_write, peer._core, local.id, int(remote_region),
+                                   as_segments(segments), payload, float(timeout or 0.0),
+                                   -1 if checksum is None else int(checksum))
+        return Transfer(self, core)
 
     # -- notifications
     def wait_notification(self, payload: bytes, timeout: float = DEFAULT_TIMEOUT) -> Notification:
@@ -239,9 +241,10 @@ class Endpoint:
         peer, data, _ = self._core.wait_notification(bytes(payload), float(timeout))
         return Notification(peer, data)
 
-    def notifications(self) -> list[Notification]:
-        """Notifications (and failure events, with ``error`` set) that arrived; non-blocking."""
-        return [Notification(p, d, e) for p, d, e in self._core.notifications()]
+    def notifications(self, timeout: float = 0.0) -> list[Notification]:
+        """Notifications (and failure events, with ``error`` set) that arrived, each returned
+        once. With ``timeout`` > 0, first waits up to that long for at least one."""
+        return [Notification(p, d, e) for p, d, e in self._core.notifications(float(timeout))]
 
     def errors(self) -> list[KVTransferError]:
         """Errors this endpoint saw from peers (bad frames, failed authentication), newest last."""

@@ -92,3 +92,20 @@ def head_targets(num_kv_heads: int, prefill_tp: int, decode_tp: int,
     return [(d, s) for d in range(decode_tp)
             for s in head_sources(num_kv_heads, prefill_tp, decode_tp, d)
             if s.src_rank == prefill_rank]
+
+
+def total_heads(layout, tp_size: int, total_kv_heads: int | None = None) -> int:
+    """The model's KV head count as the TP mapping sees it: 1 for MLA (one latent, copied whole
+    to every rank), else ``total_kv_heads`` or, by default, the layout's per-rank heads times
+    ``tp_size`` (pass ``total_kv_heads`` when heads are replicated, tp > heads)."""
+    if getattr(layout, "kind", "") == "mla":
+        return 1
+    return int(total_kv_heads) if total_kv_heads else layout.num_kv_heads * tp_size
+
+
+def slices_between(num_kv_heads: int, prefill_tp: int, prefill_rank: int, decode_tp: int,
+                   decode_rank: int) -> tuple[list[HeadSlice], int]:
+    """(what prefill rank sends to decode rank, how many prefill ranks feed that decode rank)."""
+    sources = head_sources(num_kv_heads, prefill_tp, decode_tp, decode_rank)
+    mine = [s for s in sources if s.src_rank == prefill_rank]
+    return mine, len({s.src_rank for s in sources})

@@ -37,7 +37,8 @@ def test_read_pulls_blocks_and_notifies_the_target(pair):
     rl = initiator.register(local)
     peer = initiator.connect(target.address)
     order = np.random.default_rng(4).permutation(n)
-    initiator.read(peer, rl, rr.id, block_segments(order, np.arange(n), bs), notify=b"pulled").wait()
+    segs = block_segments(order, np.arange(n), bs)
+    initiator.read(peer, rl, rr.id, segs, notify=b"pulled").wait()
     assert (local.reshape(n, bs) == remote.reshape(n, bs)[order]).all()
     assert target.wait_notification(b"pulled", timeout=5).peer == "prefill"
 

@@ -24,7 +24,8 @@ def test_matching_tokens_connect_and_transfer():
 
 @pytest.mark.parametrize("server_token, client_token", [
     ("right", "wrong"), ("right", None), (None, "right")])
-def test_wrong_or_missing_token_is_an_authentication_error_on_both_sides(server_token, client_token):
+def test_wrong_or_missing_token_is_an_authentication_error_on_both_sides(server_token,
+                                                                        client_token):
     with kvt.Endpoint("d", auth_token=server_token) as d, \
             kvt.Endpoint("p", auth_token=client_token) as p:
         d.register(np.zeros(8, np.uint8), remote_write=True)

@@ -40,7 +40,8 @@ def test_four_initiators_write_into_one_target_at_once(spawn):
     tables = np.random.default_rng(3).permutation(per * 4).reshape(4, per)
     conns = []
     for i in range(4):
-        _, c = spawn(peers.run_initiator, TCP, info, rid, bs, per, tables[i], b"init-%d" % i, 100 + i, 3)
+        _, c = spawn(peers.run_initiator, TCP, info, rid, bs, per, tables[i], b"init-%d" % i,
+                     100 + i, 3)
         conns.append(c)
     for c in conns:
         assert c.recv() == "connected"

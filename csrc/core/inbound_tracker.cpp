@@ -28,6 +28,11 @@ std::optional<InboundOutcome> InboundTracker::begin(uint64_t peer, const std::st
   e.payload = m.notify;
   e.peer_name = peer_name;
   e.deadline = deadline;
+  for (const auto& [prefix, until_why] : refused_) {
+    if (m.notify.compare(0, prefix.size(), prefix) == 0) {
+      return fail_locked(it, ErrorCode::kTransport, until_why.second);
+    }
+  }
   if (deadline <= Clock::now()) {
     return fail_locked(it, ErrorCode::kTimeout, "deadline passed before the transfer began here");
   }
@@ -117,6 +122,29 @@ std::vector<InboundOutcome> InboundTracker::expire(Clock::time_point now) {
   }
   for (auto it = failed_.begin(); it != failed_.end();) {
     it = it->second <= now ? failed_.erase(it) : std::next(it);
+  }
+  for (auto it = refused_.begin(); it != refused_.end();) {
+    it = it->second.first <= now ? refused_.erase(it) : std::next(it);
+  }
+  return out;
+}
+
+bool InboundTracker::accepts(uint64_t peer, uint64_t slot) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failed_.count({peer, slot}) == 0;
+}
+
+std::vector<InboundOutcome> InboundTracker::refuse_prefix(const std::string& prefix,
+                                                          const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  refused_[prefix] = {Clock::now() + kRememberFailed, reason};
+  std::vector<InboundOutcome> out;
+  for (auto it = live_.begin(); it != live_.end();) {
+    auto next = std::next(it);
+    if (it->second.begun && it->second.payload.compare(0, prefix.size(), prefix) == 0) {
+      out.push_back(fail_locked(it, ErrorCode::kTransport, reason));
+    }
+    it = next;
   }
   return out;
 }

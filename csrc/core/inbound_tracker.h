@@ -41,6 +41,8 @@ class InboundTracker {
   std::vector<InboundOutcome> fail_peer(uint64_t peer, const std::string& reason);
   std::vector<InboundOutcome> expire(Clock::time_point now);
   size_t pending() const;
+  bool accepts(uint64_t peer, uint64_t slot) const;
+  std::vector<InboundOutcome> refuse_prefix(const std::string& prefix, const std::string& reason);
 
  private:
   struct Entry {
@@ -60,6 +62,7 @@ class InboundTracker {
   mutable std::mutex mu_;
   std::map<Key, Entry> live_;
   std::map<Key, Clock::time_point> failed_;  // when each failed slot may be forgotten
+  std::map<std::string, std::pair<Clock::time_point, std::string>> refused_;  // prefix -> (until, why)
 };
 
 }  // namespace kvt

@@ -62,6 +62,16 @@ class NotificationQueue {
     }
   }
 
+  // Blocks until at least one event is queued or `timeout_s` passes, then takes them all.
+  std::vector<Notification> wait_any(double timeout_s) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, std::chrono::duration<double>(timeout_s), [&] { return !items_.empty(); });
+    std::vector<Notification> out(std::make_move_iterator(items_.begin()),
+                                  std::make_move_iterator(items_.end()));
+    items_.clear();
+    return out;
+  }
+
   std::vector<Notification> drain() {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<Notification> out(std::make_move_iterator(items_.begin()),

@@ -571,6 +571,12 @@ void Endpoint::on_arrival(uint64_t peer, uint64_t slot, uint32_t units) {
   add_pending();
 }
 
+void Endpoint::refuse_inbound(const std::string& prefix, const std::string& reason) {
+  for (const auto& o : inbound_.refuse_prefix(prefix, reason)) settle(o);
+}
+
+bool Endpoint::accepts(uint64_t peer, uint64_t slot) { return inbound_.accepts(peer, slot); }
+
 void Endpoint::on_refused(uint64_t peer, uint64_t slot, const Error& error) {
   if (auto o = inbound_.abort(peer, slot, error.code(), error.what())) settle(*o);
 }

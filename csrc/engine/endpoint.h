@@ -75,7 +75,12 @@ class Endpoint : public TransportSink {
   Notification wait_notification(const std::string& payload, double timeout_s) {
     return notifications_.wait_for(payload, timeout_s);
   }
-  std::vector<Notification> notifications() { return notifications_.drain(); }
+  std::vector<Notification> notifications(double timeout_s) {
+    return timeout_s > 0 ? notifications_.wait_any(timeout_s) : notifications_.drain();
+  }
+  // Fails inbound transfers whose notification starts with `prefix` and refuses new ones for
+  // a while; on TCP their bytes still in flight are discarded instead of landing.
+  void refuse_inbound(const std::string& prefix, const std::string& reason);
   std::vector<Error> errors() const;
   // Best effort: ends a pending transfer in ERROR now and tells the target to fail it too
   // (bytes already in flight may still land there). False if it had already ended.
@@ -88,6 +93,7 @@ class Endpoint : public TransportSink {
   // TransportSink
   void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) override;
   void on_refused(uint64_t peer, uint64_t slot, const Error& error) override;
+  bool accepts(uint64_t peer, uint64_t slot) override;
   void on_read_landed(uint64_t slot, uint32_t units) override;
   void on_op_failed(uint64_t slot, const Error& error) override;
   void on_link_failed(uint64_t peer, const Error& error) override;

@@ -8,5 +8,6 @@ void register_errors(pybind11::module_& m);
 void register_wire(pybind11::module_& m);
 void register_endpoint(pybind11::module_& m);
 void register_plan(pybind11::module_& m);  // plan/: block tables -> segments
+void register_ticket(pybind11::module_& m);
 
 }  // namespace kvt::py_bind

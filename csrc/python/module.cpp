@@ -11,4 +11,5 @@ PYBIND11_MODULE(_core, m) {
   kvt::py_bind::register_wire(m);
   kvt::py_bind::register_endpoint(m);
   kvt::py_bind::register_plan(m);
+  kvt::py_bind::register_ticket(m);
 }

@@ -136,10 +136,20 @@ void register_endpoint(py::module_& m) {
              }
              return notification_tuple(n);
            }, py::arg("payload"), py::arg("timeout"))
-      .def("notifications", [](Endpoint& ep) {
+      .def("notifications", [](Endpoint& ep, double timeout) {
+        std::vector<Notification> got;
+        {
+          py::gil_scoped_release release;
+          got = ep.notifications(timeout);
+        }
         py::list out;
-        for (const auto& n : ep.notifications()) out.append(notification_tuple(n));
+        for (const auto& n : got) out.append(notification_tuple(n));
         return out;
+      }, py::arg("timeout") = 0.0)
+      .def("refuse_inbound", [](Endpoint& ep, py::bytes prefix, const std::string& reason) {
+        std::string p = prefix;
+        py::gil_scoped_release release;
+        ep.refuse_inbound(p, reason);
       })
       .def("errors", [](const Endpoint& ep) {
         py::list out;

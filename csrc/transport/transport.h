@@ -61,6 +61,9 @@ class TransportSink {
   virtual ~TransportSink() = default;
   // Target: `units` units of transfer `slot` from peer session `peer` are visible in memory.
   virtual void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) = 0;
+  // Target: false once transfer `slot` has failed (deadline, abort, cancel): a transport that
+  // can still discard a unit's bytes before they land does so.
+  virtual bool accepts(uint64_t peer, uint64_t slot) = 0;
   // Target: a unit of transfer `slot` named a region that is no longer registered; its bytes
   // were discarded and the transfer fails (a race with deregistration, not an attack).
   virtual void on_refused(uint64_t peer, uint64_t slot, const Error& error) = 0;

@@ -73,7 +73,7 @@ def test_unaligned_offsets_and_lengths(endpoint):
     dst_off = np.cumsum(np.concatenate([[13], lens[:-1] + 3]))
     src_off = rng.integers(0, (1 << 20) - 800, n)
     initiator.write(peer, rs, rd.id, np.stack([src_off, dst_off, lens], axis=1)).wait(10)
-    for s, d, ln in zip(src_off, dst_off, lens):
+    for s, d, ln in zip(src_off, dst_off, lens, strict=True):
         assert np.array_equal(dst[d:d + ln], src[s:s + ln])
 
 

@@ -7,8 +7,6 @@ import resource
 
 import numpy as np
 
-import kvtransfer as kvt
-
 
 def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))

@@ -49,6 +49,7 @@ class FaultInjector : public Transport, public TransportSink {
   // TransportSink
   void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) override;
   void on_refused(uint64_t peer, uint64_t slot, const Error& e) override { upstream_.on_refused(peer, slot, e); }
+  bool accepts(uint64_t peer, uint64_t slot) override { return upstream_.accepts(peer, slot); }
   void on_read_landed(uint64_t slot, uint32_t units) override { upstream_.on_read_landed(slot, units); }
   void on_op_failed(uint64_t slot, const Error& e) override { upstream_.on_op_failed(slot, e); }
   void on_link_failed(uint64_t peer, const Error& e) override { upstream_.on_link_failed(peer, e); }

@@ -143,6 +143,10 @@ void TcpTransport::serve_frames(Inbound& conn) {
     wire::verify_data_crc(header, descs.data(), h.nseg);
 
     if (h.type == wire::DataType::kWrite) {
+      if (!ctx_.sink.accepts(conn.peer, h.slot)) {  // failed or cancelled: never land late bytes
+        discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
+        continue;
+      }
       if (!ctx_.regions.contains(h.region)) {
         discard(conn, h.payload);
         ctx_.sink.on_refused(conn.peer, h.slot,
