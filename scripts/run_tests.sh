@@ -19,6 +19,12 @@ suite() {  # suite NAME COMMAND...
 
 suite "lint (ruff)" .venv/bin/ruff check kvtransfer tests benchmarks
 suite "unit + integration" $PY -m pytest -q -m "not vllm" tests -p no:cacheprovider
+# The shipped conformance suite, run from outside the repo as a user runs it; a transport this
+# build or host lacks is skipped by the suite itself, with the reason.
+for t in tcp fabric:tcp fabric:udp fabric:shm; do
+  suite "conformance --transport $t" bash -c \
+    "cd /tmp && '$PWD/$PY' -m pytest -q -p no:cacheprovider -rs --pyargs kvtransfer.testing --transport $t"
+done
 if [ -d tests/integrations/vllm ]; then
   suite "vllm environment" bash scripts/vllm_env.sh
   suite "vllm P/D" $PY -m pytest -q -m vllm tests/integrations/vllm -p no:cacheprovider
