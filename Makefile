@@ -28,9 +28,14 @@ $(VENV)/.stamp: requirements-dev.txt pyproject.toml | sysdeps
 
 venv: sysdeps $(VENV)/.stamp
 
-kvtransfer/_core.stamp: $(VENV)/.stamp $(CORE_SOURCES)
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
-	$(VPY) setup.py -q build_ext --inplace -j2
+# The first build is an editable install (it also installs the `kvtransfer` command and the
+# conformance suite's pytest plugin); later ones rebuild only what changed, in place.
+kvtransfer/_core.stamp: $(VENV)/.stamp $(CORE_SOURCES) pyproject.toml
+	@if [ ! -f $(VENV)/.editable ] || [ pyproject.toml -nt $(VENV)/.editable ]; then \
+	  $(VPY) -m pip install -q --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; \
+	else \
+	  $(VPY) setup.py -q build_ext --inplace; \
+	fi
 	@touch $@
 
 build: sysdeps kvtransfer/_core.stamp

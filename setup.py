@@ -8,7 +8,7 @@ import glob
 import os
 import subprocess
 
-from pybind11.setup_helpers import Pybind11Extension, build_ext
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
 
@@ -20,6 +20,9 @@ def pkg_cflags(name: str) -> list[str] | None:
         return None
     return out.split()
 
+
+# Compile in parallel in every build, pip's included (KVTRANSFER_BUILD_JOBS, default: all cores).
+ParallelCompile("KVTRANSFER_BUILD_JOBS", default=0).install()
 
 sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True))
 defines = []

@@ -19,6 +19,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "efa, ...). Default: tcp")
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    spec = config.getoption("--transport")
+    try:
+        with kvt.Endpoint("probe", **transport_kwargs(spec)) as ep:
+            return f"kvtransfer conformance: --transport {spec} -> {ep.caps()}"
+    except kvt.KVTransferError as e:
+        return f"kvtransfer conformance: --transport {spec} is not available here ({e})"
+
+
 def transport_kwargs(spec: str) -> dict[str, Any]:
     """Endpoint keyword arguments for a --transport value."""
     name, _, provider = spec.partition(":")
