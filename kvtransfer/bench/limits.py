@@ -27,19 +27,22 @@ def iperf3_gbps(streams: int = 1, seconds: float = 3.0, reps: int = 3) -> dict:
     server = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        results = []
-        for _ in range(reps):
-            for _attempt in range(50):  # the server needs a moment to listen
-                proc = subprocess.run(
-                    ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-P", str(streams), "-t",
-                     str(seconds), "-J"], capture_output=True, text=True, timeout=seconds + 30)
-                if proc.returncode == 0:
-                    break
-                time.sleep(0.1)
-            else:
-                return {"system": f"iperf3 -P {streams}", "error": proc.stderr.strip()[-300:]}
-            end = json.loads(proc.stdout)["end"]
-            results.append(end["sum_received"]["bits_per_second"] / 8 / 1e9)
+        results: list[float] = []
+        error = ""
+        for _attempt in range(100):  # the server needs a moment to listen, and between clients
+            if len(results) == reps:
+                break
+            proc = subprocess.run(
+                ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-P", str(streams), "-t",
+                 str(seconds), "-J"], capture_output=True, text=True, timeout=seconds + 30)
+            try:
+                end = json.loads(proc.stdout)["end"]
+                results.append(end["sum_received"]["bits_per_second"] / 8 / 1e9)
+            except (ValueError, KeyError):
+                error = (proc.stdout + proc.stderr).strip()[-300:]
+                time.sleep(0.2)
+        if len(results) < reps:
+            return {"system": f"iperf3 -P {streams}", "error": error}
         return {"system": f"iperf3 -P {streams}", "gbps_p50": statistics.median(results),
                 "gbps_all": results}
     finally:
