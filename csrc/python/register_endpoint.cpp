@@ -109,8 +109,10 @@ void register_endpoint(py::module_& m) {
              py::gil_scoped_release release;
              return ep.connect(t, timeout);
            }, py::arg("target"), py::arg("timeout"))
-      .def("disconnect", &Endpoint::disconnect, py::call_guard<py::gil_scoped_release>())
-      .def("cancel", &Endpoint::cancel, py::call_guard<py::gil_scoped_release>())
+      .def("disconnect", &Endpoint::disconnect, py::arg("peer"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("cancel", &Endpoint::cancel, py::arg("transfer"),
+           py::call_guard<py::gil_scoped_release>())
       .def("peer_regions", &Endpoint::peer_regions, py::arg("peer"), py::arg("timeout"),
            py::call_guard<py::gil_scoped_release>())
       .def("transfer", [](Endpoint& ep, bool is_write, PeerConn& peer, uint32_t local,
@@ -150,7 +152,7 @@ void register_endpoint(py::module_& m) {
         std::string p = prefix;
         py::gil_scoped_release release;
         ep.refuse_inbound(p, reason);
-      })
+      }, py::arg("prefix"), py::arg("reason"))
       .def("errors", [](const Endpoint& ep) {
         py::list out;
         for (const auto& e : ep.errors()) out.append(py::make_tuple(static_cast<int>(e.code()), e.what()));

@@ -17,15 +17,17 @@ void register_ticket(py::module_& m) {
     wire::KvNote n{kind == "pulled" ? wire::NoteKind::kPulled : wire::NoteKind::kLayers,
                    request_id, src_rank, n_sources, layer_begin, layer_end, group, n_groups};
     return py::bytes(wire::encode_note(n));
-  });
+  }, py::arg("kind"), py::arg("request_id"), py::arg("src_rank"), py::arg("n_sources"),
+     py::arg("layer_begin"), py::arg("layer_end"), py::arg("group"), py::arg("n_groups"));
   m.def("decode_note", [](py::bytes data) -> py::object {
     wire::KvNote n;
     if (!wire::decode_note(data, &n)) return py::none();
     return py::make_tuple(n.kind == wire::NoteKind::kPulled ? "pulled" : "layers",
                           py::bytes(n.request_id), n.src_rank, n.n_sources, n.layer_begin,
                           n.layer_end, n.group, n.n_groups);
-  });
-  m.def("note_prefix", [](py::bytes request_id) { return py::bytes(wire::note_prefix(request_id)); });
+  }, py::arg("payload"));
+  m.def("note_prefix", [](py::bytes request_id) { return py::bytes(wire::note_prefix(request_id)); },
+        py::arg("request_id"));
   m.def("encode_ticket", [](const std::string& kind, py::bytes request_id, py::bytes endpoint_info,
                             uint32_t tp_rank, uint32_t tp_size, py::bytes fingerprint,
                             py::bytes descriptor, std::vector<uint32_t> regions,
@@ -43,7 +45,9 @@ void register_ticket(py::module_& m) {
     t.blocks.assign(blocks.data(), blocks.data() + blocks.size());
     t.timeout_ms = timeout_ms;
     return py::bytes(wire::encode_ticket(t));
-  });
+  }, py::arg("kind"), py::arg("request_id"), py::arg("endpoint_info"), py::arg("tp_rank"),
+     py::arg("tp_size"), py::arg("fingerprint"), py::arg("descriptor"), py::arg("regions"),
+     py::arg("blocks"), py::arg("timeout_ms"));
   m.def("decode_ticket", [](py::bytes data) {
     wire::Ticket t = wire::decode_ticket(data);
     py::dict d;
@@ -60,7 +64,7 @@ void register_ticket(py::module_& m) {
     d["blocks"] = blocks;
     d["timeout_ms"] = t.timeout_ms;
     return d;
-  });
+  }, py::arg("ticket"));
 }
 
 }  // namespace kvt::py_bind

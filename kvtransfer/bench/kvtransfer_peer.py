@@ -11,7 +11,7 @@ import numpy as np
 
 import kvtransfer as kvt
 
-from .harness import Workload, block_permutation, now
+from .harness import PeerSpec, Workload, block_permutation, now, run_pair
 
 
 def versions() -> dict[str, str]:
@@ -68,3 +68,11 @@ def make_target(workload: Workload, dst: np.ndarray, options: dict[str, Any]) ->
 def make_initiator(workload: Workload, src: np.ndarray, info: Any,
                    options: dict[str, Any]) -> Initiator:
     return Initiator(workload, src, info, options)
+
+
+def run(workload: Workload, variant: str = "kvtransfer-tcp", **options: Any) -> dict[str, Any]:
+    """Measure ``workload`` with kvtransfer between two spawned processes."""
+    opts = {k: v for k, v in options.items() if v is not None}
+    spec = PeerSpec(__name__, workload, {}, opts)
+    return run_pair(variant, spec, {"options": opts,
+                                    "notification": "kvtransfer notify (counted completion)"})

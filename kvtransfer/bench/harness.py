@@ -1,0 +1,505 @@
+"""What every transfer benchmark shares, whatever library moves the bytes.
+
+- ``Workload`` and the standard set (``STANDARD_WORKLOADS``);
+- the block mapping (source block i -> destination block ``perm[i]``), block addresses;
+- payloads that differ per block and per rep, poisoning and byte-for-byte verification;
+- clocks comparable across processes (CLOCK_MONOTONIC) and process CPU time;
+- a two-process harness (a TARGET and an INITIATOR, spawned, on loopback) and the JSON record.
+
+No transfer library is imported here, so kvtransfer's own bench can reuse all of it. A peer module
+plugs into ``run_pair`` by exposing ``make_target``, ``make_initiator`` and ``versions`` (see
+``run_pair``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+
+GB = 1e9
+POLL_SLEEP_S = 100e-6  # pause between completion polls when not busy-polling
+SETUP_TIMEOUT_S = 120.0  # start-up of a child: import, allocation, registration, handshake
+SHUTDOWN_TIMEOUT_S = 15.0
+POISON_BYTE = 0x5A
+
+
+class PeerError(RuntimeError):
+    """A child process failed; the message carries its traceback."""
+
+
+class VerificationError(RuntimeError):
+    """The destination did not hold the expected bytes after a transfer."""
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One request of ``blocks`` blocks of ``block_bytes``, written once per rep."""
+
+    block_bytes: int
+    blocks: int
+    pattern: str = "random"  # "random": seeded permutation; "sequential": identity
+    reps: int = 5
+    warmup: int = 1  # verified like the others, left out of the numbers
+    seed: int = 1234  # of the permutation; payloads are seeded by (seed, rep)
+    busy_poll: bool = False  # spin on completion instead of sleeping POLL_SLEEP_S
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.pattern not in ("random", "sequential"):
+            raise ValueError(f"pattern must be 'random' or 'sequential', not {self.pattern!r}")
+        if self.block_bytes <= 0 or self.blocks <= 0 or self.reps <= 0 or self.warmup < 0:
+            raise ValueError("block_bytes, blocks and reps must be > 0, warmup >= 0")
+
+    @property
+    def total_bytes(self) -> int:
+        return self.block_bytes * self.blocks
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.blocks}x{self.block_bytes}B-{self.pattern}"
+
+    def rep_timeout_s(self) -> float:
+        """Bound on one rep: generous (20 MB/s floor), but never infinite."""
+        return 30.0 + self.total_bytes / 20e6
+
+
+def latency_workload(reps: int = 200) -> Workload:
+    """One 64 KiB write -> target notified, repeated; spins on completion on both sides."""
+    return Workload(
+        65536, 1, "sequential", reps=reps, warmup=20, busy_poll=True, name="latency-64KiB"
+    )
+
+
+STANDARD_WORKLOADS: dict[str, Workload] = {
+    "4MiBx64": Workload(4 << 20, 64, "random", name="4MiBx64-random"),
+    "64KiBx4096": Workload(64 << 10, 4096, "random", name="64KiBx4096-random"),
+    "4KiBx16384": Workload(4 << 10, 16384, "random", name="4KiBx16384-random"),
+    "latency": latency_workload(),
+}
+
+
+def block_permutation(workload: Workload) -> np.ndarray:
+    """perm[i] = destination block of source block i (int64)."""
+    if workload.pattern == "sequential":
+        return np.arange(workload.blocks, dtype=np.int64)
+    return np.random.default_rng(workload.seed).permutation(workload.blocks).astype(np.int64)
+
+
+def block_addresses(base: int, workload: Workload, order: np.ndarray | None = None) -> np.ndarray:
+    """Start address of each block (uint64); ``order`` picks and orders block indices."""
+    idx = np.arange(workload.blocks, dtype=np.uint64) if order is None else order.astype(np.uint64)
+    return np.uint64(base) + idx * np.uint64(workload.block_bytes)
+
+
+def buffer_address(buf: np.ndarray) -> int:
+    return int(buf.ctypes.data)
+
+
+def transfer_tag(rep: int) -> str:
+    """Notification payload of rep ``rep``: one per rep, so a stale one cannot match."""
+    return f"kvbench-rep-{rep}"
+
+
+# --------------------------------------------------------------------------- payloads
+
+
+def allocate(nbytes: int) -> np.ndarray:
+    """A zeroed, already faulted-in byte buffer (page faults stay out of timed windows)."""
+    buf = np.empty(nbytes, dtype=np.uint8)
+    buf.fill(0)
+    return buf
+
+
+def payload(workload: Workload, rep: int) -> np.ndarray:
+    """Source content of rep ``rep``: random bytes seeded by (seed, rep), so every block and
+    every rep differ and data left from an earlier rep cannot pass verification."""
+    rng = np.random.default_rng((workload.seed, rep))
+    return np.frombuffer(rng.bytes(workload.total_bytes), dtype=np.uint8)
+
+
+def fill_source(src: np.ndarray, workload: Workload, rep: int) -> None:
+    src[:] = payload(workload, rep)
+
+
+def poison(dst: np.ndarray) -> None:
+    dst.fill(POISON_BYTE)
+
+
+def count_bad_blocks(dst: np.ndarray, workload: Workload, rep: int, perm: np.ndarray) -> int:
+    """Number of destination blocks that differ from what rep ``rep`` must have written."""
+    expected = payload(workload, rep).reshape(workload.blocks, workload.block_bytes)
+    landed = dst.reshape(workload.blocks, workload.block_bytes)[perm]
+    if np.array_equal(landed, expected):
+        return 0
+    return int(np.count_nonzero((landed != expected).any(axis=1)))
+
+
+# --------------------------------------------------------------------------- clocks
+
+
+def now() -> float:
+    """CLOCK_MONOTONIC seconds: one clock for every process on this host."""
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def cpu_seconds() -> float:
+    """user + sys seconds of this process, all its threads (progress threads included)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def poll_until(done: Callable[[], bool], deadline: float, busy: bool, what: str) -> None:
+    """Call ``done`` until it returns True; TimeoutError past ``deadline`` (CLOCK_MONOTONIC)."""
+    while not done():
+        if now() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        if busy:
+            os.sched_yield()  # spin, but let a progress thread sharing the core run
+        else:
+            time.sleep(POLL_SLEEP_S)
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class RepResult:
+    latency_s: float  # initiator posts -> target has seen the notification
+    initiator_complete_s: float  # initiator posts -> initiator sees its transfer complete
+    cpu_initiator_s: float
+    cpu_target_s: float
+    bad_blocks: int
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def summarize(
+    system: str,
+    workload: Workload,
+    results: list[RepResult],
+    versions: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON record of ``results`` (every rep run, the ``workload.warmup`` warm-up reps first).
+    Raises VerificationError, rather than report an unverified number, if any rep (warm-up ones
+    included) left a wrong block."""
+    bad = {i: r.bad_blocks for i, r in enumerate(results) if r.bad_blocks}
+    reps = results[workload.warmup :]
+    if bad or not reps:
+        raise VerificationError(
+            f"{system} {workload.label}: wrong blocks after reps {bad} "
+            f"(rep index: wrong block count; the first {workload.warmup} are warm-up)"
+        )
+    lat = [r.latency_s for r in reps]
+    gb = workload.total_bytes / GB
+    record: dict[str, Any] = {
+        "system": system,
+        "workload": workload.label,
+        "block_bytes": workload.block_bytes,
+        "blocks": workload.blocks,
+        "pattern": workload.pattern,
+        "reps": len(reps),
+        "gbps_p50": statistics.median(gb / t for t in lat),
+        "gbps_all": [gb / t for t in lat],
+        "latency_s_p50": _percentile(lat, 50),
+        "latency_s_p99": _percentile(lat, 99),
+        "initiator_complete_s_p50": _percentile([r.initiator_complete_s for r in reps], 50),
+        "cpu_s_per_gb_initiator": sum(r.cpu_initiator_s for r in reps) / (gb * len(reps)),
+        "cpu_s_per_gb_target": sum(r.cpu_target_s for r in reps) / (gb * len(reps)),
+        "verified": True,
+        "versions": versions,
+    }
+    if workload.blocks == 1:
+        record["latency_us_p50"] = record["latency_s_p50"] * 1e6
+        record["latency_us_p99"] = record["latency_s_p99"] * 1e6
+    record.update(extra or {})
+    return record
+
+
+def base_versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "kernel": platform.release(),
+    }
+
+
+def dist_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """What a child needs: the peer module, the workload, env to set before importing it,
+    and peer-specific options (plain picklable values)."""
+
+    module: str
+    workload: Workload
+    env: dict[str, str]
+    options: dict[str, Any]
+
+
+def run_pair(system: str, spec: PeerSpec, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run ``spec.workload`` between a spawned TARGET and a spawned INITIATOR; return the record.
+
+    ``spec.module`` must define
+      ``make_target(workload, dst, options)`` -> object with ``info()`` (picklable: how to reach
+          it), ``wait(tag, deadline, busy)`` (returns once notification ``tag`` arrived, raises
+          TimeoutError past ``deadline``) and ``close()``;
+      ``make_initiator(workload, src, info, options)`` -> object with
+          ``write(tag, deadline, busy)`` (write block i of src to block perm[i] of the target's
+          buffer as one batch carrying notification ``tag``; return once complete locally)
+          and ``close()``;
+      ``versions()`` -> dict of library versions.
+    """
+    load_before = os.getloadavg()[0]  # the record says how busy the (shared) host was
+    ctx = multiprocessing.get_context("spawn")
+    procs, conns = {}, {}
+    for role in ("target", "initiator"):
+        parent_end, child_end = ctx.Pipe()
+        procs[role] = ctx.Process(
+            target=_child_main, args=(child_end, role, spec), name=f"{system}-{role}", daemon=True
+        )
+        conns[role] = parent_end
+    try:
+        for p in procs.values():
+            p.start()
+        _, info, versions = _expect(conns["target"], "info", SETUP_TIMEOUT_S)
+        conns["initiator"].send(("info", info))
+        _expect(conns["initiator"], "ready", SETUP_TIMEOUT_S)
+        w = spec.workload
+        results = [_one_rep(conns, w, rep) for rep in range(w.warmup + w.reps)]
+        _close_children(conns)
+    except BaseException:
+        _stop(procs, grace_s=0.0)  # a child failed or hung: the other may be stuck in a wait
+        raise
+    _stop(procs, grace_s=SHUTDOWN_TIMEOUT_S)
+    record = summarize(system, w, results, versions, extra)
+    record["warmup_verified"] = w.warmup
+    record["loadavg_1min_before_after"] = [load_before, os.getloadavg()[0]]
+    return record
+
+
+def _one_rep(conns: dict, workload: Workload, rep: int) -> RepResult:
+    timeout = workload.rep_timeout_s()
+    conns["initiator"].send(("prep", rep))
+    _expect(conns["initiator"], "prepped", timeout)
+    conns["target"].send(("arm", rep))
+    _expect(conns["target"], "armed", timeout)
+    conns["initiator"].send(("go", rep))
+    _, t_post, t_done, cpu_i = _expect(conns["initiator"], "sent", timeout)
+    _, t_seen, cpu_t, bad = _expect(conns["target"], "seen", timeout)
+    return RepResult(t_seen - t_post, t_done - t_post, cpu_i, cpu_t, bad)
+
+
+def _expect(conn, kind: str, timeout: float) -> tuple:
+    if not conn.poll(timeout):
+        raise TimeoutError(f"no '{kind}' from child within {timeout:.0f} s")
+    msg = conn.recv()
+    if msg[0] == "error":
+        raise PeerError(msg[1])
+    if msg[0] != kind:
+        raise PeerError(f"expected '{kind}' from child, got {msg[0]!r}")
+    return msg
+
+
+def _close_children(conns: dict) -> None:
+    for conn in conns.values():
+        conn.send(("close",))
+        _expect(conn, "closed", SHUTDOWN_TIMEOUT_S)
+
+
+def _stop(procs: dict, grace_s: float) -> None:
+    """Join the children, killing any still alive after ``grace_s``."""
+    started = [p for p in procs.values() if p.pid is not None]
+    deadline = now() + grace_s
+    for p in started:
+        p.join(max(0.0, deadline - now()))
+    for p in started:
+        if p.is_alive():
+            p.kill()
+            p.join(5.0)
+
+
+def _child_main(conn, role: str, spec: PeerSpec) -> None:
+    os.environ.update(spec.env)  # before the library is imported and reads it
+    try:
+        peer = importlib.import_module(spec.module)
+        loop = _target_loop if role == "target" else _initiator_loop
+        loop(conn, peer, spec)
+    except BaseException:
+        conn.send(("error", f"{role}: {traceback.format_exc()}"))
+        raise
+
+
+def _next_command(conn) -> tuple:
+    """Next command from the parent; a silent or vanished parent ends the child."""
+    if not conn.poll(SETUP_TIMEOUT_S + 600):
+        raise TimeoutError("parent sent nothing for too long")
+    return conn.recv()
+
+
+def _target_loop(conn, peer, spec: PeerSpec) -> None:
+    w = spec.workload
+    dst = allocate(w.total_bytes)
+    perm = block_permutation(w)
+    target = peer.make_target(w, dst, spec.options)
+    conn.send(("info", target.info(), {**base_versions(), **peer.versions()}))
+    while (msg := _next_command(conn))[0] == "arm":
+        rep = msg[1]
+        poison(dst)
+        cpu0 = cpu_seconds()
+        conn.send(("armed",))
+        target.wait(transfer_tag(rep), now() + w.rep_timeout_s(), w.busy_poll)
+        t_seen = now()
+        cpu = cpu_seconds() - cpu0
+        conn.send(("seen", t_seen, cpu, count_bad_blocks(dst, w, rep, perm)))
+    target.close()
+    conn.send(("closed",))
+
+
+def _initiator_loop(conn, peer, spec: PeerSpec) -> None:
+    w = spec.workload
+    src = allocate(w.total_bytes)
+    _, info = _next_command(conn)
+    initiator = peer.make_initiator(w, src, info, spec.options)
+    conn.send(("ready",))
+    while (msg := _next_command(conn))[0] != "close":
+        kind, rep = msg
+        if kind == "prep":
+            fill_source(src, w, rep)
+            conn.send(("prepped",))
+            continue
+        cpu0 = cpu_seconds()
+        t_post = now()
+        initiator.write(transfer_tag(rep), t_post + w.rep_timeout_s(), w.busy_poll)
+        t_done = now()
+        conn.send(("sent", t_post, t_done, cpu_seconds() - cpu0))
+    initiator.close()
+    conn.send(("closed",))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def parse_args(variants: list[str], argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Loopback transfer benchmark of a peer library.")
+    p.add_argument("--variant", choices=variants, default=variants[0])
+    p.add_argument("--all-variants", action="store_true", help="run every variant in turn")
+    p.add_argument(
+        "--workload",
+        choices=sorted(STANDARD_WORKLOADS),
+        help="a standard workload (overrides the size options)",
+    )
+    p.add_argument("--suite", action="store_true", help="run every standard workload")
+    p.add_argument("--latency", action="store_true", help="the 64 KiB small-message workload")
+    p.add_argument("--block-bytes", type=int, default=65536)
+    p.add_argument("--blocks", type=int, default=4096)
+    p.add_argument("--pattern", choices=["random", "sequential"], default="random")
+    p.add_argument("--reps", type=int, help="measured reps (default: 5, latency 200)")
+    p.add_argument("--warmup", type=int, help="unreported, verified reps first")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="peer-specific option (VALUE read as JSON when it parses)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON record per line")
+    return p.parse_args(argv)
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--option wants KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def workloads_from_args(args: argparse.Namespace) -> list[Workload]:
+    if args.suite:
+        chosen = list(STANDARD_WORKLOADS.values())
+    elif args.workload:
+        chosen = [STANDARD_WORKLOADS[args.workload]]
+    elif args.latency:
+        chosen = [latency_workload()]
+    else:
+        chosen = [Workload(args.block_bytes, args.blocks, args.pattern)]
+    overrides = {k: v for k, v in (("reps", args.reps), ("warmup", args.warmup)) if v is not None}
+    return [dataclasses.replace(w, **overrides) for w in chosen]
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    if "error" in rec:
+        return f"{rec['system']:<22} {rec['workload']:<22} FAILED: {rec['error']}"
+    head = f"{rec['system']:<22} {rec['workload']:<22}"
+    cpu = f"cpu s/GB i={rec['cpu_s_per_gb_initiator']:.2f} t={rec['cpu_s_per_gb_target']:.2f}"
+    if "latency_us_p50" in rec:
+        return (
+            f"{head} p50 {rec['latency_us_p50']:7.1f} us  p99 {rec['latency_us_p99']:7.1f} us"
+            f"  (verified x{rec['reps']})"
+        )
+    return (
+        f"{head} {rec['gbps_p50']:6.2f} GB/s p50  latency p50 {rec['latency_s_p50'] * 1e3:7.1f}"
+        f" ms  {cpu}  (verified x{rec['reps']})"
+    )
+
+
+def cli(
+    run: Callable[..., dict[str, Any]], variants: list[str], argv: list[str] | None = None
+) -> int:
+    """Command line shared by the peer runners: ``run(workload, variant=..., **options)``."""
+    args = parse_args(variants, argv)
+    options = parse_options(args.option)
+    failed = 0
+    for variant in variants if args.all_variants else [args.variant]:
+        for workload in workloads_from_args(args):
+            try:
+                rec = run(workload, variant=variant, **options)
+            except (PeerError, TimeoutError, VerificationError) as exc:
+                failed += 1
+                rec = {
+                    "system": variant,
+                    "workload": workload.label,
+                    "verified": False,
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            print(json.dumps(rec) if args.json else format_record(rec), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover - helpers only
+    sys.exit("run benchmarks.peers.nixl_peer or benchmarks.peers.mooncake_peer")
