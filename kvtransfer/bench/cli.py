@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from . import harness, limits
+from . import limits
 from .harness import STANDARD_WORKLOADS, Workload
 from .models import MODELS, model_workload
 
