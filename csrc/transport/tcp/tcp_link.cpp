@@ -91,58 +91,78 @@ void TcpLink::post(std::unique_ptr<PreparedOp> op) {
         best = c.get();
       }
     }
+    bool inline_send = false;
     {
       std::lock_guard<std::mutex> lock(best->mu);
       best->queued_bytes += frame_bytes(f) + 64;
-      best->queue.push_back(std::move(f));
+      // An idle connection and a one-frame op: send from this thread, saving the hand-off to
+      // the sender thread (a wake-up on the latency path of small transfers).
+      inline_send = frames.size() == 1 && best->queue.empty() && !best->sending;
+      if (inline_send) {
+        best->sending = true;
+      } else {
+        best->queue.push_back(std::move(f));
+      }
     }
-    best->cv.notify_one();
+    if (inline_send) {
+      send_frame(*best, std::move(f));
+    } else {
+      best->cv.notify_one();
+    }
   }
 }
 
 void TcpLink::send_loop(Conn& c) {
-  std::vector<struct iovec> iov;
-  std::vector<uint8_t> descs;
-  uint8_t header[wire::kDataHeaderSize];
   while (true) {
     Frame f;
     {
       std::unique_lock<std::mutex> lock(c.mu);
-      c.cv.wait(lock, [&] { return closed_.load() || !c.queue.empty(); });
+      c.cv.wait(lock, [&] { return closed_.load() || (!c.queue.empty() && !c.sending); });
       if (closed_.load()) return;
       f = std::move(c.queue.front());
       c.queue.pop_front();
+      c.sending = true;
     }
-    try {
-      wire::encode_data_header(f.header, f.remote.data(), header);
-      descs.resize(f.remote.size() * wire::kDataDescSize);
-      wire::encode_descs(f.remote.data(), f.header.nseg, descs.data());
-      iov.clear();
-      iov.push_back(iovec{header, sizeof header});
-      iov.push_back(iovec{descs.data(), descs.size()});
-      uint64_t bytes = frame_bytes(f);
-      uint8_t crc_le[4];
-      if (f.header.type == wire::DataType::kWrite) {
-        iov.insert(iov.end(), f.local.begin(), f.local.end());
-        if (f.header.flags & wire::kFlagPayloadCrc) {
-          wire::put_u32_le(crc_le, wire::crc32c_iov(f.local.data(), f.local.size()));
-          iov.push_back(iovec{crc_le, 4});
-        }
-      } else {
-        std::lock_guard<std::mutex> lock(c.reads_mu);
-        auto key = std::make_pair(f.header.slot, f.header.frame);
-        c.reads.emplace(key, std::move(f));
-      }
-      c.sock.sendv_all(iov.data(), iov.size(), "TCP data connection");
-      {
-        std::lock_guard<std::mutex> lock(c.mu);
-        c.queued_bytes -= bytes + 64;
-      }
-    } catch (const Error& e) {
-      broken(e);
-      return;
-    }
+    if (!send_frame(c, std::move(f))) return;
   }
+}
+
+// Sends one frame; the caller set c.sending, which this clears. False once the link broke.
+bool TcpLink::send_frame(Conn& c, Frame f) {
+  uint8_t header[wire::kDataHeaderSize];
+  uint8_t crc_le[4];
+  const uint64_t bytes = frame_bytes(f);
+  bool ok = true;
+  try {
+    wire::encode_data_header(f.header, f.remote.data(), header);
+    c.descs.resize(f.remote.size() * wire::kDataDescSize);
+    wire::encode_descs(f.remote.data(), f.header.nseg, c.descs.data());
+    c.iov.clear();
+    c.iov.push_back(iovec{header, sizeof header});
+    c.iov.push_back(iovec{c.descs.data(), c.descs.size()});
+    if (f.header.type == wire::DataType::kWrite) {
+      c.iov.insert(c.iov.end(), f.local.begin(), f.local.end());
+      if (f.header.flags & wire::kFlagPayloadCrc) {
+        wire::put_u32_le(crc_le, wire::crc32c_iov(f.local.data(), f.local.size()));
+        c.iov.push_back(iovec{crc_le, 4});
+      }
+    } else {
+      std::lock_guard<std::mutex> lock(c.reads_mu);
+      auto key = std::make_pair(f.header.slot, f.header.frame);
+      c.reads.emplace(key, std::move(f));
+    }
+    c.sock.sendv_all(c.iov.data(), c.iov.size(), "TCP data connection");
+  } catch (const Error& e) {
+    broken(e);
+    ok = false;
+  }
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    c.queued_bytes -= bytes + 64;
+    c.sending = false;
+  }
+  c.cv.notify_one();
+  return ok;
 }
 
 void TcpLink::recv_loop(Conn& c) {

@@ -40,10 +40,14 @@ class TcpLink : public DataLink {
     std::condition_variable cv;
     std::deque<Frame> queue;
     uint64_t queued_bytes = 0;
+    bool sending = false;  // a thread is writing to the socket (sender thread or a poster)
+    std::vector<struct iovec> iov;  // scratch of the thread that holds `sending`
+    std::vector<uint8_t> descs;
     std::mutex reads_mu;
     std::map<std::pair<uint64_t, uint32_t>, Frame> reads;  // (slot, frame) awaiting its reply
   };
   void send_loop(Conn& c);
+  bool send_frame(Conn& c, Frame f);
   void recv_loop(Conn& c);
   void broken(const Error& e);
 
