@@ -84,16 +84,22 @@ class KVReceiver:
         check_same_layout(self.cache, t, "sender")
         with self._router.lock:
             req = self._requests.get(request_id)
-        if req is None:
+        created = req is None
+        if created:
             self._new_request(request_id, dst_blocks, timeout)
         with self._router.lock:
             req = self._requests[request_id]
-        slices, n_sources = slices_between(
-            total_heads(self.cache.layout, t.tp_size, self.total_kv_heads), t.tp_size, t.tp_rank,
-            self.tp_size, self.tp_rank)
-        peer = self._peers.get(t.endpoint_info)
-        plans = [plan_transfer(t.descriptor, self.cache, t.blocks, req.blocks, heads=s,
-                               num_tokens=num_tokens) for s in slices]
+        try:
+            slices, n_sources = slices_between(
+                total_heads(self.cache.layout, t.tp_size, self.total_kv_heads), t.tp_size,
+                t.tp_rank, self.tp_size, self.tp_rank)
+            peer = self._peers.get(t.endpoint_info)
+            plans = [plan_transfer(t.descriptor, self.cache, t.blocks, req.blocks, heads=s,
+                                   num_tokens=num_tokens) for s in slices]
+        except BaseException:
+            if created:  # nothing was read: the request is not left expected
+                self.forget(request_id)
+            raise
         left = max(0.001, req.deadline - time.monotonic())
         reads = [self.ep.read(peer, self.regions[g.dst_buffer], t.regions[g.src_buffer],
                               g.segments, timeout=left)

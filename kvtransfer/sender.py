@@ -188,6 +188,14 @@ class KVSender:
         router.wait(ready, self.timeout if timeout is None else timeout,
                     f"pull of request {request_id!r}")
 
+    def fetched(self, request_id: str) -> bool:
+        """Non-blocking wait_fetched, for polling loops: True (once) when the decode side has
+        pulled the offered request and its blocks may be freed; False while it has not."""
+        router = NoteRouter.of(self.ep)
+        router.poll()
+        with router.lock:
+            return any(n.kind == "pulled" and n.error is None for n in router.take(request_id))
+
     def close(self) -> None:
         """Deregisters the cache (waiting for transfers that use it)."""
         for r in self.regions:

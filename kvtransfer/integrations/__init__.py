@@ -1,0 +1,1 @@
+"""Integrations of kvtransfer with serving frameworks (each imports its framework lazily)."""
