@@ -322,7 +322,10 @@ def _one_rep(conns: dict, workload: Workload, rep: int) -> RepResult:
 def _expect(conn, kind: str, timeout: float) -> tuple:
     if not conn.poll(timeout):
         raise TimeoutError(f"no '{kind}' from child within {timeout:.0f} s")
-    msg = conn.recv()
+    try:
+        msg = conn.recv()
+    except EOFError:
+        raise PeerError(f"child exited (crashed?) while '{kind}' was awaited") from None
     if msg[0] == "error":
         raise PeerError(msg[1])
     if msg[0] != kind:
@@ -502,4 +505,4 @@ def cli(
 
 
 if __name__ == "__main__":  # pragma: no cover - helpers only
-    sys.exit("run benchmarks.peers.nixl_peer or benchmarks.peers.mooncake_peer")
+    sys.exit("run kvtransfer.bench.peers.nixl or kvtransfer.bench.peers.mooncake")
