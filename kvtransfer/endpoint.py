@@ -173,7 +173,6 @@ class Endpoint:
                                     checksum=bool(checksum), faults=faults)
         self.name = name
         self.timeout = float(timeout)
-        self._regions: dict[int, Region] = {}
 
     # -- memory
     def register(self, buf: Any, remote_write: bool = False, remote_read: bool = False) -> Region:
@@ -181,10 +180,8 @@ class Endpoint:
         if remote_write and not writeable:
             raise InvalidRequestError("cannot register read-only memory with remote_write=True")
         rid = self._core.register(addr, nbytes, remote_write, remote_read)
-        region = Region(self, rid, nbytes, owner if owner is not None else buf, remote_write,
-                        remote_read)
-        self._regions[rid] = region
-        return region
+        return Region(self, rid, nbytes, owner if owner is not None else buf, remote_write,
+                      remote_read)
 
     # -- identity
     @property
