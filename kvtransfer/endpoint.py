@@ -50,6 +50,7 @@ class Region:
         if not self._closed:
             self._closed = True
             self._ep._core.deregister(self.id, timeout)
+            self._ep._regions.pop(self.id, None)
             self._owner = None
 
     def __enter__(self) -> Region:
@@ -173,6 +174,9 @@ class Endpoint:
                                     checksum=bool(checksum), faults=faults)
         self.name = name
         self.timeout = float(timeout)
+        # Registered memory stays alive until its Region is closed, even if the caller drops
+        # the Region object: a peer may still write into it.
+        self._regions: dict[int, Region] = {}
 
     # -- memory
     def register(self, buf: Any, remote_write: bool = False, remote_read: bool = False) -> Region:
@@ -180,8 +184,10 @@ class Endpoint:
         if remote_write and not writeable:
             raise InvalidRequestError("cannot register read-only memory with remote_write=True")
         rid = self._core.register(addr, nbytes, remote_write, remote_read)
-        return Region(self, rid, nbytes, owner if owner is not None else buf, remote_write,
-                      remote_read)
+        region = Region(self, rid, nbytes, owner if owner is not None else buf, remote_write,
+                        remote_read)
+        self._regions[rid] = region
+        return region
 
     # -- identity
     @property
