@@ -8,7 +8,7 @@ APT_PACKAGES := g++ pkg-config python3-venv libfabric-dev libfabric-bin libibver
                 iperf3 iproute2
 CORE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py
 
-.PHONY: all build sysdeps venv test test-fast lint demo bench clean
+.PHONY: all build sysdeps venv test test-fast lint demo bench stubs clean
 
 all: build
 
@@ -53,8 +53,15 @@ test-fast: build
 demo: build
 	$(VPY) -m kvtransfer.demo
 
+# Regenerates BENCHMARKS.md: kvtransfer, NIXL and Mooncake side by side, limits, sweeps, micro.
 bench: build
-	$(VPY) -m kvtransfer.bench --help
+	$(VPY) -m pip install -q -r requirements-peers.txt
+	$(VPY) benchmarks/regenerate.py
+
+# Type stubs of the compiled core, regenerated from the built module.
+stubs: build
+	$(VENV)/bin/pybind11-stubgen kvtransfer._core -o build/stubs
+	cp build/stubs/kvtransfer/_core.pyi kvtransfer/_core.pyi
 
 clean:
 	rm -rf build kvtransfer/*.so kvtransfer/_core.stamp
