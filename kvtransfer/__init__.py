@@ -16,6 +16,7 @@ from .errors import (
 from .layout import KVLayout
 from .receiver import KVReceiver, RequestFailed
 from .sender import KVSender, KVStream
+from .serialize import deserialize_blocks, read_header, serialize_blocks
 
 __version__ = "0.1.0"
 
@@ -39,4 +40,7 @@ __all__ = [
     "TimeoutError",
     "Transfer",
     "TransportError",
+    "deserialize_blocks",
+    "read_header",
+    "serialize_blocks",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing as mp
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 
 import kvtransfer as kvt
@@ -39,11 +38,3 @@ def spawn() -> Iterator:
         if p.is_alive():
             p.kill()
         p.join(5)
-
-
-def block_segments(src_blocks, dst_blocks, block_bytes: int) -> np.ndarray:
-    """(src_off, dst_off, len) rows moving whole blocks."""
-    src = np.asarray(src_blocks, dtype=np.int64)
-    dst = np.asarray(dst_blocks, dtype=np.int64)
-    return np.stack([src * block_bytes, dst * block_bytes,
-                     np.full(len(src), block_bytes, dtype=np.int64)], axis=1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import block_segments
 
 import kvtransfer as kvt
+from kvtransfer.testing.peers import block_segments
 
 
 def test_write_lands_permuted_blocks_and_notifies_once(pair):

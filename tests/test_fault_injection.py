@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from conftest import block_segments
 
 import kvtransfer as kvt
+from kvtransfer.testing.peers import block_segments
 
 
 def _linked(faults: str, nbytes: int, timeout: float = 5.0):

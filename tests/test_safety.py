@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 import raw_client as rc
-from conftest import block_segments
 
 import kvtransfer as kvt
+from kvtransfer.testing.peers import block_segments
 
 
 @pytest.fixture
@@ -239,5 +239,48 @@ def test_a_flipped_payload_byte_is_a_protocol_error_naming_the_transfer(pair):
         target.wait_notification(b"flipped", timeout=5)
     mtype, body = rc.recv_control(ctrl)
     assert mtype == 7 and struct.unpack_from("<QI", body) == (slot, 5)  # ACK carrying the error
+    d.close()
+    ctrl.close()
+
+
+def test_corrupted_data_arriving_before_its_begin_still_fails_the_transfer_at_once(pair):
+    """Units may overtake their BEGIN (different connections): a refusal recorded first is
+    reported when the BEGIN comes, not at the deadline."""
+    target, _ = pair
+    rg = target.register(np.zeros(64, np.uint8), remote_write=True)
+    ctrl, welcome = rc.connect(target.address)
+    key = welcome["regions"][rg.id]["key"]
+    payload = bytes(range(16))
+    frame = rc.data_frame(rc.D_WRITE, 5, rg.id, key, [(0, 16)], payload, flags=1)
+    d = rc.open_data(welcome)
+    d.sendall(frame + struct.pack("<I", kvt._core.crc32c(payload) ^ 1))
+    time.sleep(0.2)
+    ctrl.sendall(rc.control_frame(rc.BEGIN, struct.pack("<QII", 5, 1, 60_000) + b"\x01"
+                                  + rc.lp(b"overtaken")))
+    t0 = time.monotonic()
+    with pytest.raises(kvt.ProtocolError, match="crc32c"):
+        target.wait_notification(b"overtaken", timeout=10)
+    assert time.monotonic() - t0 < 2, "reported at the deadline instead of at once"
+    d.close()
+    ctrl.close()
+
+
+def test_checksummed_frame_to_a_vanished_region_is_skipped_whole(pair):
+    """Discarding a frame for a deregistered region also skips its crc trailer, so the next
+    frame on the connection still parses."""
+    target, _ = pair
+    live = np.zeros(16, np.uint8)
+    rl = target.register(live, remote_write=True)
+    ctrl, welcome = rc.connect(target.address)
+    payload = bytes(range(16))
+    crc = struct.pack("<I", kvt._core.crc32c(payload))
+    d = rc.open_data(welcome)
+    d.sendall(rc.data_frame(rc.D_WRITE, 1, 999, 0, [(0, 16)], payload, flags=1) + crc)
+    d.sendall(rc.data_frame(rc.D_WRITE, 2, rl.id, welcome["regions"][rl.id]["key"], [(0, 16)],
+                            payload, flags=1) + crc)
+    ctrl.sendall(rc.control_frame(rc.BEGIN, struct.pack("<QII", 2, 1, 5000) + b"\x01"
+                                  + rc.lp(b"second")))
+    target.wait_notification(b"second", timeout=5)
+    assert bytes(live) == payload
     d.close()
     ctrl.close()

@@ -16,7 +16,19 @@ std::optional<InboundOutcome> InboundTracker::begin(uint64_t peer, const std::st
                                                     Clock::time_point deadline) {
   std::lock_guard<std::mutex> lock(mu_);
   Key k{peer, m.slot};
-  if (failed_.count(k)) return std::nullopt;
+  if (auto f = failed_.find(k); f != failed_.end()) {
+    if (f->second.reported) return std::nullopt;
+    f->second.reported = true;  // failed before it began: report it now, with its payload
+    InboundOutcome o;
+    o.peer = peer;
+    o.slot = m.slot;
+    o.has_notify = m.has_notify;
+    o.payload = m.notify;
+    o.peer_name = peer_name;
+    o.code = f->second.code;
+    o.error = f->second.reason;
+    return o;
+  }
   auto [it, fresh] = live_.try_emplace(k);
   Entry& e = it->second;
   if (e.begun) {
@@ -80,7 +92,7 @@ InboundOutcome InboundTracker::fail_locked(std::map<Key, Entry>::iterator it, Er
   o.peer_name = std::move(it->second.peer_name);
   o.code = code;
   o.error = std::move(error);
-  failed_[it->first] = Clock::now() + kRememberFailed;
+  failed_[it->first] = Failed{Clock::now() + kRememberFailed, it->second.begun, code, o.error};
   live_.erase(it);
   return o;
 }
@@ -89,8 +101,13 @@ std::optional<InboundOutcome> InboundTracker::abort(uint64_t peer, uint64_t slot
                                                     const std::string& reason) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = live_.find({peer, slot});
-  if (it == live_.end()) {
-    failed_[{peer, slot}] = Clock::now() + kRememberFailed;
+  if (it == live_.end()) {  // nothing of it here yet: fail it when its BEGIN arrives
+    failed_.try_emplace({peer, slot}, Failed{Clock::now() + kRememberFailed, false, code, reason});
+    return std::nullopt;
+  }
+  if (!it->second.begun) {  // units arrived, BEGIN not yet: it reports when the BEGIN comes
+    failed_[it->first] = Failed{Clock::now() + kRememberFailed, false, code, reason};
+    live_.erase(it);
     return std::nullopt;
   }
   return fail_locked(it, code, reason);
@@ -121,7 +138,7 @@ std::vector<InboundOutcome> InboundTracker::expire(Clock::time_point now) {
     it = next;
   }
   for (auto it = failed_.begin(); it != failed_.end();) {
-    it = it->second <= now ? failed_.erase(it) : std::next(it);
+    it = it->second.forget_at <= now ? failed_.erase(it) : std::next(it);
   }
   for (auto it = refused_.begin(); it != refused_.end();) {
     it = it->second.first <= now ? refused_.erase(it) : std::next(it);

@@ -61,7 +61,15 @@ class InboundTracker {
   double default_timeout_s_;
   mutable std::mutex mu_;
   std::map<Key, Entry> live_;
-  std::map<Key, Clock::time_point> failed_;  // when each failed slot may be forgotten
+  // Failed slots: late units never revive them. A slot that failed before its BEGIN arrived
+  // (refused data, abort) is reported when the BEGIN comes, with the reason kept here.
+  struct Failed {
+    Clock::time_point forget_at;
+    bool reported = false;
+    ErrorCode code = ErrorCode::kTransport;
+    std::string reason;
+  };
+  std::map<Key, Failed> failed_;
   std::map<std::string, std::pair<Clock::time_point, std::string>> refused_;  // prefix -> (until, why)
 };
 

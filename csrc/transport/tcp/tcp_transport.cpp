@@ -148,7 +148,7 @@ void TcpTransport::serve_frames(Inbound& conn) {
         continue;
       }
       if (!ctx_.regions.contains(h.region)) {
-        discard(conn, h.payload);
+        discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
         ctx_.sink.on_refused(conn.peer, h.slot,
                              Error(ErrorCode::kInvalidRequest,
                                    "region " + std::to_string(h.region) +
