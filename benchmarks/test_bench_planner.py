@@ -117,11 +117,25 @@ def test_plan_rate_heterogeneous_tp(benchmark):
         assert rate >= TARGET_BLOCK_LAYERS_PER_S
 
 
+def test_plan_rate_cpu_layout(benchmark):
+    """vLLM CPU (BHT(KD), all layers views of one allocation): one segment per block-layer."""
+    desc = one_buffer(KVLayout("BHT(KD)", **MODEL))
+    a, b = PAIRS["random"]
+    plan = benchmark(plan_transfer, desc, desc, a, b)
+    assert len(plan.segments) == REQUEST * 32
+    rate = _rate(benchmark, REQUEST * 32)
+    benchmark.extra_info.update(segments=len(plan.segments), block_layers_per_s=rate)
+    if rate is not None:
+        assert rate >= TARGET_BLOCK_LAYERS_PER_S
+
+
 LAYOUTS = {
     "vllm_flash NHD (1 alloc)": lambda: one_buffer(KVLayout.vllm_flash(**MODEL)),
     "vllm_flash HND (per layer)": lambda: per_tensor(KVLayout.vllm_flash(**MODEL, kv_order="HND")),
     "vllm_flashinfer NHD": lambda: per_tensor(KVLayout.vllm_flashinfer(**MODEL)),
+    "vllm_flashinfer NHD (1 alloc)": lambda: one_buffer(KVLayout.vllm_flashinfer(**MODEL)),
     "vllm_cross_layer NHD": lambda: one_buffer(KVLayout.vllm_cross_layer(**MODEL)),
+    "vllm CPU BHT(KD) (1 alloc)": lambda: one_buffer(KVLayout("BHT(KD)", **MODEL)),
     "sglang_mha": lambda: per_tensor(KVLayout.sglang_mha(
         num_layers=32, num_tokens=NUM_BLOCKS * 16, page_size=16, num_kv_heads=8, head_dim=128)),
     "mla (576 x bf16)": lambda: per_tensor(KVLayout.mla(num_layers=32, num_blocks=NUM_BLOCKS,
@@ -147,10 +161,10 @@ def test_segment_counts():
     runs = {k: 1 + int(np.count_nonzero(np.diff(PAIRS[k][0]) != 1)) for k in TABLES}
     print(f"\nplanner segment counts: {REQUEST}-block request, 32 layers x K/V, "
           f"source runs per table: {runs}")
-    print(f"{'layout':28} {'table':11} {'all layers':>10} {'one layer':>9} {'pairs':>5} "
+    print(f"{'layout':30} {'table':11} {'all layers':>10} {'one layer':>9} {'pairs':>5} "
           f"{'MiB':>6} {'plan ms':>8}")
     for r in rows:
-        print(f"{r['layout']:28} {r['table']:11} {r['segments_all_layers']:>10} "
+        print(f"{r['layout']:30} {r['table']:11} {r['segments_all_layers']:>10} "
               f"{r['segments_one_layer']:>9} {r['buffer_pairs']:>5} {r['mib']:>6.0f} "
               f"{r['plan_s'] * 1e3:>8.2f}")
     record = dict(bench="planner_segment_counts", argv=sys.argv, python=sys.version,
@@ -162,3 +176,8 @@ def test_segment_counts():
     assert by[("vllm_flash NHD (1 alloc)", "sequential")]["segments_all_layers"] == 64
     assert by[("vllm_cross_layer NHD", "sequential")]["segments_all_layers"] == 1
     assert by[("vllm_flash NHD (1 alloc)", "random")]["segments_all_layers"] == REQUEST * 64
+    # K|V inside a block (FlashInfer) or inside each head (vLLM CPU): one segment per block-layer
+    # even with every layer in one allocation, where the planes have no single stride
+    for name in ("vllm_flashinfer NHD (1 alloc)", "vllm CPU BHT(KD) (1 alloc)"):
+        assert by[(name, "random")]["segments_all_layers"] == REQUEST * 32
+        assert by[(name, "sequential")]["segments_all_layers"] == 32

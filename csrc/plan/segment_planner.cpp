@@ -166,15 +166,19 @@ std::vector<Segment> sequence(const Request& r, RowPatterns& patterns) {
 }
 
 // Appends seq shifted by (so, dof). seq is merged already, so only its first segment can join
-// what precedes it.
+// what precedes it. The rest is copied as a block and then shifted in place: two tight loops
+// instead of a push_back per segment (this is most of a large plan's time).
 void emit(std::vector<Segment>& out, size_t floor, const std::vector<Segment>& seq, int64_t so,
           int64_t dof) {
   if (seq.empty()) return;
   const size_t need = out.size() + seq.size();
   if (need > out.capacity()) out.reserve(std::max(need, 2 * out.capacity()));
   append(out, floor, seq[0].src + so, seq[0].dst + dof, seq[0].len);
-  for (size_t k = 1; k < seq.size(); ++k) {
-    out.push_back(Segment{seq[k].src + so, seq[k].dst + dof, seq[k].len});
+  const size_t base = out.size();
+  out.insert(out.end(), seq.begin() + 1, seq.end());
+  for (Segment *p = out.data() + base, *e = out.data() + out.size(); p != e; ++p) {
+    p->src += so;
+    p->dst += dof;
   }
 }
 
@@ -256,64 +260,104 @@ Plan plan_segments(const PlaneSet& src, const PlaneSet& dst, const PlanRequest& 
   std::optional<std::vector<Segment>> per_plane_seq;  // shared by every group that needs it
   const size_t per_plane_loops = per_plane.nest(typical).loops.size();
 
-  // Groups of planes at a constant stride, keyed by (count, src stride, dst stride): whether
-  // the planes fold into the rows, and if so the folded sequence. Per-layer tensors repeat the
-  // same key for every layer, so each is worked out once.
+  // Runs of planes at a constant stride, keyed by (count, src stride, dst stride): whether the
+  // planes fold into the rows, and if so the folded sequence. Per-layer tensors (and the layers
+  // of a per-layer-tensor cache in one buffer) repeat the same key, so each is worked out once.
   struct Fold {
     int64_t count, ps, pd;
     bool folded;
     std::vector<Segment> seq;
   };
   std::vector<Fold> folds;
+  constexpr size_t kNoFold = static_cast<size_t>(-1);
 
+  // Whether planes order[k0, k0 + count) sit at one positive stride (*ps, *pd) on both sides.
+  auto regular = [&](size_t k0, size_t count, int64_t* ps, int64_t* pd) {
+    if (count < 2) return false;
+    *ps = src.plane_offset[order[k0 + 1]] - src.plane_offset[order[k0]];
+    *pd = dst.plane_offset[order[k0 + 1]] - dst.plane_offset[order[k0]];
+    if (*ps <= 0 || *pd <= 0) return false;
+    for (size_t k = k0 + 2; k < k0 + count; ++k) {
+      if (src.plane_offset[order[k]] - src.plane_offset[order[k - 1]] != *ps ||
+          dst.plane_offset[order[k]] - dst.plane_offset[order[k - 1]] != *pd) {
+        return false;
+      }
+    }
+    return true;
+  };
+
+  // Planes at a regular stride fold into the row pattern when that costs no extra loop (the
+  // stride continues the rows of one block: cross-layer layouts, FlashInfer's K|V blocks, vLLM
+  // CPU's K|V-interleaved heads). Returns the index in folds of `count` planes at (ps, pd), or
+  // kNoFold.
+  auto fold_of = [&](int64_t count, int64_t ps, int64_t pd) -> size_t {
+    for (size_t i = 0; i < folds.size(); ++i) {
+      const Fold& f = folds[i];
+      if (f.count == count && f.ps == ps && f.pd == pd) return f.folded ? i : kNoFold;
+    }
+    RowPatterns with_planes({heads, Dim{count, ps, pd}}, src.token_stride, dst.token_stride,
+                            src.head_bytes, max_run);
+    Fold f{count, ps, pd, with_planes.nest(typical).loops.size() <= per_plane_loops, {}};
+    if (f.folded) f.seq = sequence(r, with_planes);
+    folds.push_back(std::move(f));
+    return folds.back().folded ? folds.size() - 1 : kNoFold;
+  };
+
+  // Emits planes order[k0, k1) one by one from the per-plane sequence.
+  auto emit_planes = [&](size_t floor, size_t k0, size_t k1) {
+    if (!per_plane_seq) {
+      per_plane_seq = sequence(r, per_plane);
+      // Every remaining plane emits at most this many: one allocation for the whole plan.
+      plan.segments.reserve(plan.segments.size() +
+                            static_cast<size_t>(pe - pb) * per_plane_seq->size());
+    }
+    for (size_t k = k0; k < k1; ++k) {
+      emit(plan.segments, floor, *per_plane_seq, src.plane_offset[order[k]],
+           dst.plane_offset[order[k]]);
+    }
+  };
+
+  std::vector<size_t> chunks;  // the fold of each chunk of a group, reused across groups
   size_t g0 = 0;
   while (g0 < order.size()) {
     size_t g1 = g0 + 1;
     while (g1 < order.size() && key(order[g1]) == key(order[g0])) ++g1;
     const size_t floor = plan.segments.size();
     const int64_t q0 = order[g0];
+    const size_t count = g1 - g0;
 
-    // Planes fold into the row pattern when they sit at a constant stride on both sides and
-    // that stride continues the rows of one block (cross-layer layouts, FlashInfer's K|V
-    // blocks): then the planes of a block become one segment.
-    const Fold* fold = nullptr;
-    if (g1 - g0 >= 2) {
-      const int64_t count = static_cast<int64_t>(g1 - g0);
-      const int64_t ps = src.plane_offset[order[g0 + 1]] - src.plane_offset[q0];
-      const int64_t pd = dst.plane_offset[order[g0 + 1]] - dst.plane_offset[q0];
-      bool regular = ps > 0 && pd > 0;
-      for (size_t k = g0 + 1; regular && k < g1; ++k) {
-        regular = src.plane_offset[order[k]] - src.plane_offset[order[k - 1]] == ps &&
-                  dst.plane_offset[order[k]] - dst.plane_offset[order[k - 1]] == pd;
-      }
-      if (regular) {
-        for (const Fold& f : folds) {
-          if (f.count == count && f.ps == ps && f.pd == pd) fold = &f;
+    int64_t ps = 0, pd = 0;
+    size_t whole = kNoFold;
+    chunks.clear();
+    if (regular(g0, count, &ps, &pd)) {
+      // One stride over the group: fold all of it, or nothing. (A chunk of c planes at that
+      // stride could fold only into a dimension of stride c * ps, which would overlap plane c.)
+      whole = fold_of(static_cast<int64_t>(count), ps, pd);
+    } else {
+      // No one stride (vLLM CPU's BHT(KD) in one buffer: K->V is head_dim bytes, V->next K a
+      // layer tensor less that): fold chunks of c consecutive planes (c = kv_parts there, each
+      // layer's K and V), the largest c dividing the group for which every chunk folds.
+      for (size_t c = count / 2; c >= 2 && chunks.empty(); --c) {
+        if (count % c != 0) continue;
+        for (size_t k = g0; k < g1; k += c) {
+          const size_t f =
+              regular(k, c, &ps, &pd) ? fold_of(static_cast<int64_t>(c), ps, pd) : kNoFold;
+          if (f == kNoFold) break;
+          chunks.push_back(f);
         }
-        if (fold == nullptr) {
-          RowPatterns with_planes({heads, Dim{count, ps, pd}}, src.token_stride,
-                                  dst.token_stride, src.head_bytes, max_run);
-          Fold f{count, ps, pd, with_planes.nest(typical).loops.size() <= per_plane_loops, {}};
-          if (f.folded) f.seq = sequence(r, with_planes);
-          folds.push_back(std::move(f));
-          fold = &folds.back();
-        }
-        if (!fold->folded) fold = nullptr;
+        if (chunks.size() != count / c) chunks.clear();
       }
     }
-    if (fold != nullptr) {
-      emit(plan.segments, floor, fold->seq, src.plane_offset[q0], dst.plane_offset[q0]);
+    if (whole != kNoFold) {
+      emit(plan.segments, floor, folds[whole].seq, src.plane_offset[q0], dst.plane_offset[q0]);
+    } else if (!chunks.empty()) {
+      const size_t c = count / chunks.size();
+      for (size_t i = 0; i < chunks.size(); ++i) {
+        const int64_t q = order[g0 + i * c];
+        emit(plan.segments, floor, folds[chunks[i]].seq, src.plane_offset[q], dst.plane_offset[q]);
+      }
     } else {
-      if (!per_plane_seq) {
-        per_plane_seq = sequence(r, per_plane);
-        // Every remaining plane emits at most this many: one allocation for the whole plan.
-        plan.segments.reserve(plan.segments.size() +
-                              static_cast<size_t>(pe - pb) * per_plane_seq->size());
-      }
-      for (size_t k = g0; k < g1; ++k) {
-        emit(plan.segments, floor, *per_plane_seq, src.plane_offset[order[k]],
-             dst.plane_offset[order[k]]);
-      }
+      emit_planes(floor, g0, g1);
     }
     plan.groups.push_back(PlanGroup{src.plane_buffer[q0], dst.plane_buffer[q0],
                                     static_cast<int64_t>(floor),

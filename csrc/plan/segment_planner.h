@@ -9,9 +9,12 @@
 //
 // Output: segments grouped by buffer pair (src buffer, dst buffer); within a group, runs that are
 // adjacent on both sides are merged (consecutive blocks of a sequential table become one
-// segment; in a cross-layer layout the layers of one block become one segment). The work is
-// O(blocks + segments): the segment pattern of one plane is computed once and replicated for
-// the others by adding plane offsets.
+// segment; in a cross-layer layout the layers of one block become one segment). Planes at one
+// regular stride on both sides fold into the row pattern when that stride continues a block's
+// rows; planes with no single stride fold in equal chunks that each have one (vLLM CPU's
+// BHT(KD) with all layers in one buffer: each layer's K and V, so a block of a layer is one
+// segment). The work is O(blocks + segments): the segment pattern of one plane (or chunk) is
+// computed once and replicated for the others by adding plane offsets.
 #pragma once
 
 #include <cstddef>
