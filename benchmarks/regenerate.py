@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         f.unlink()
 
     main_cmd = [*bench, *peers, "--limits", "--transport", "tcp,fabric:shm",
-                "--json", str(OUT / "transfers.jsonl")]
+                "--json", str(OUT / "transfers.jsonl"), "--plot", "docs/bench"]
     run(main_cmd)
     sweep_cmd = [*bench, "--sweep", "--patterns", "random", "--transport", "tcp", *peers,
                  "--limits", "--json", str(OUT / "sweep.jsonl"), "--plot", "docs/bench"]

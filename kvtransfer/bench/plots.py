@@ -42,10 +42,11 @@ def write_plots(records: list[dict[str, Any]], out_dir: str) -> list[str]:
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
+    single = [r for r in ok if r["blocks"] == 1 and r.get("gbps_all")]
+    if not single:
+        return paths
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r in ok:
-        if r["blocks"] != 1 or not r.get("gbps_all"):
-            continue
+    for r in single:
         lat_us = np.sort(r["block_bytes"] / 1e9 / np.asarray(r["gbps_all"]) * 1e6)
         ax.plot(lat_us, np.arange(1, len(lat_us) + 1) / len(lat_us), label=r["system"])
     ax.set_xlabel("one 64 KiB write -> target notified (µs)")
