@@ -50,7 +50,9 @@ def render(results: list[tuple[str, dict[str, str]]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("mode", choices=["--write", "--check"])
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--write", action="store_true", help="update docs/transports.md")
+    mode.add_argument("--check", action="store_true", help="fail if it differs")
     ap.add_argument("files", nargs="+", type=Path)
     args = ap.parse_args(argv)
     results = [load(p) for p in args.files]
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     head, rest = doc.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{BEGIN}\n{table}\n{END}{tail}"
-    if args.mode == "--write":
+    if args.write:
         DOC.write_text(new)
         return 0
     if new != doc:
