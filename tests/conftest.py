@@ -1,8 +1,8 @@
-"""Shared fixtures: endpoints on loopback and helpers to run a peer in another process."""
+"""Shared fixtures: endpoints on loopback. `spawn` (a peer in another process) and the other
+conformance fixtures come from the kvtransfer.testing pytest plugin, installed with the package."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from collections.abc import Iterator
 
 import pytest
@@ -18,23 +18,3 @@ def pair() -> Iterator[tuple[kvt.Endpoint, kvt.Endpoint]]:
     yield target, initiator
     initiator.close()
     target.close()
-
-
-@pytest.fixture
-def spawn() -> Iterator:
-    """spawn(fn, *args) -> (process, parent end of a Pipe); children are killed at teardown."""
-    ctx = mp.get_context("spawn")
-    procs: list = []
-
-    def start(fn, *args):
-        parent, child = ctx.Pipe()
-        p = ctx.Process(target=fn, args=(child, *args), daemon=True)
-        p.start()
-        procs.append(p)
-        return p, parent
-
-    yield start
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-        p.join(5)
