@@ -3,6 +3,7 @@
 // is never taken for a complete transfer.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -51,13 +52,10 @@ class NotificationQueue {
         return n;
       }
       if (cv_.wait_until(lock, deadline) == std::cv_status::timeout &&
-          std::chrono::steady_clock::now() >= deadline) {
-        bool any = false;
-        for (const auto& n : items_) any |= n.payload == payload;
-        if (!any) {
-          fail(ErrorCode::kTimeout, "no notification '" + printable(payload) + "' within " +
-                                        std::to_string(timeout_s) + " s");
-        }
+          std::none_of(items_.begin(), items_.end(),
+                       [&](const Notification& n) { return n.payload == payload; })) {
+        fail(ErrorCode::kTimeout, "no notification '" + printable(payload) + "' within " +
+                                      std::to_string(timeout_s) + " s");
       }
     }
   }

@@ -155,7 +155,7 @@ std::shared_ptr<PeerConn> Endpoint::connect(const std::string& info_or_address, 
   net::Socket s = net::connect_tcp(net::parse_host_port(address), timeout_s);
   peer->control = std::make_unique<ControlChannel>(std::move(s), "control connection to " + address);
   peer->control->set_timeouts(timeout_s, timeout_s);
-  handshake_as_client(*peer, timeout_s);
+  handshake_as_client(*peer);
   peer->control->set_timeouts(0, options_.timeout_s);
   reap_dead_peers();
   {
@@ -167,7 +167,7 @@ std::shared_ptr<PeerConn> Endpoint::connect(const std::string& info_or_address, 
   return peer;
 }
 
-void Endpoint::handshake_as_client(PeerConn& peer, double timeout_s) {
+void Endpoint::handshake_as_client(PeerConn& peer) {
   ControlChannel& ch = *peer.control;
   const std::string who = "peer at " + peer.address;
   wire::Hello hello{wire::kProtocolVersion, options_.name, auth::random_bytes(16),
@@ -206,7 +206,6 @@ void Endpoint::handshake_as_client(PeerConn& peer, double timeout_s) {
   }
   for (auto& r : welcome.regions) peer.regions[r.id] = r;
   peer.link = transport_->connect(peer.id, welcome.address, welcome.token);
-  (void)timeout_s;
 }
 
 void Endpoint::handshake_as_server(PeerConn& peer) {

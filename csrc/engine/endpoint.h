@@ -106,7 +106,7 @@ class Endpoint : public TransportSink {
   void accept_loop();
   void serve_peer(std::shared_ptr<PeerConn> peer, bool handshake);
   void handshake_as_server(PeerConn& peer);
-  void handshake_as_client(PeerConn& peer, double timeout_s);
+  void handshake_as_client(PeerConn& peer);
   void handle(PeerConn& peer, const ControlMessage& m);
   void settle(const InboundOutcome& o);
   void finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code, const std::string& error);
