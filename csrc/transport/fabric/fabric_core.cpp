@@ -1,5 +1,7 @@
 #include "transport/fabric/fabric_core.h"
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -12,7 +14,7 @@
 namespace kvt::fabric {
 namespace {
 
-bool peer_unreachable(int err) {
+bool connection_lost(int err) {
   switch (err) {
     case FI_ECONNRESET:
     case FI_ECONNREFUSED:
@@ -21,11 +23,25 @@ bool peer_unreachable(int err) {
     case FI_ENOTCONN:
     case FI_ESHUTDOWN:
     case FI_ETIMEDOUT:
-    case FI_ECANCELED:  // we never cancel: the provider tore the connection down (rxm)
+    case EPIPE:
       return true;
     default:
       return false;
   }
+}
+
+// The peer itself is gone, not just this operation refused. We never cancel, so FI_ECANCELED
+// means the provider tore a connection down: ofi_rxm says why in prov_errno (an errno) -
+// ENOTCONN when the peer died, ENOENT when the target refused a key and dropped the link.
+bool peer_unreachable(int err, int prov_errno) {
+  return connection_lost(err) || (err == FI_ECANCELED && connection_lost(prov_errno));
+}
+
+// The target refused the access: its registration is gone (a race with deregistration) or the
+// key is wrong - from here the two look the same. FI_EACCES is the RMA answer (verbs, EFA's
+// remote access errors); ofi_rxm drops the connection and cancels with ENOENT (key not found).
+bool access_refused(int err, int prov_errno) {
+  return err == FI_EACCES || (err == FI_ECANCELED && prov_errno == ENOENT);
 }
 
 std::string op_name(const Batch& b) {
@@ -34,17 +50,17 @@ std::string op_name(const Batch& b) {
 
 }  // namespace
 
-FabricCore::FabricCore(TransportContext ctx) : ctx_(std::move(ctx)) {
+FabricCore::FabricCore(TransportContext ctx) : ctx_(std::move(ctx)), reports_(ctx_.sink) {
   load_library();
   Selection sel = select_rails(parse_provider_spec(ctx_.options.provider), ctx_.options.listen_host);
   provider_ = sel.provider;
   rdma_read_ = sel.rdma_read;
   hmem_ = sel.hmem;
-  const char* fault = std::getenv("KVTRANSFER_FABRIC_FAULT");
-  fault_bad_rkey_ = fault && std::strcmp(fault, "bad_rkey") == 0;
+  delivery_complete_ = sel.delivery_complete;
   try {
     for (size_t i = 0; i < sel.rails.size(); ++i) {
-      rails_.push_back(std::make_unique<Rail>(static_cast<uint32_t>(i), std::move(sel.rails[i]), *this));
+      rails_.push_back(std::make_unique<Rail>(static_cast<uint32_t>(i), std::move(sel.rails[i]),
+                                              *this, delivery_complete_));
     }
     std::vector<Rail*> raw;
     for (auto& r : rails_) raw.push_back(r.get());
@@ -112,11 +128,127 @@ void FabricCore::probe_efa() {
   }
 }
 
+// ---------------------------------------------------------------- memory
+
+// The Endpoint removed the region and its holds drained; transfers announced since (refused,
+// but possibly already started inside the provider) must finish landing before the
+// registration closes and the memory can be freed.
+//
+// That is not enough on its own: a transfer whose MAP is still on the wire when the region
+// leaves the registry is unknown here, and ofi_rxd, told by a closed registration to refuse a
+// unit it already started, corrupts its receive state (we saw it write through a stale
+// iovec). So each initiator with a session is asked to RETIRE the region: it refuses new
+// transfers into it and answers RETIRED once none of its own is in flight (its writes complete
+// only when placed: delivery-complete). Only then does the registration close. A peer that
+// does not answer within the timeout is given up on (and its session is failing anyway).
+void FabricCore::deregister_region(const Region& region) {
+  const auto timeout = std::chrono::duration<double>(ctx_.options.connect_timeout_s);
+  if (!stopping_ && (region.remote_write || region.remote_read)) {
+    auto live = sessions_.live();
+    if (!live.empty()) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto& waiting = retiring_[region.id];
+        for (const auto& s : live) waiting.insert(s.token);
+      }
+      for (const auto& s : live) {
+        auto* o = new OwnedSend;
+        o->retire = true;
+        o->token = s.token;
+        o->region = region.id;
+        o->dest = s.reply;
+        Msg m;
+        m.type = MsgType::kRetire;
+        m.token = s.token;
+        m.region = region.id;
+        o->bytes = encode_msg(m);
+        send_owned(0, o);
+      }
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, timeout, [&] { return retiring_[region.id].empty() || stopping_.load(); });
+      retiring_.erase(region.id);
+    }
+    if (!sessions_.wait_quiet(region.id, timeout)) {
+      std::fprintf(stderr, "kvtransfer: fabric: transfers into region %u still had not "
+                           "finished after %.1f s; closing its registration anyway\n",
+                   region.id, ctx_.options.connect_timeout_s);
+    }
+  }
+  mrs_->remove(region.id);
+}
+
+// Initiator: the peer is deregistering a region of its.
+void FabricCore::handle_retire(const Msg& m) {
+  fi_addr_t to = FI_ADDR_UNSPEC;
+  bool now = true;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = links_.find(m.token);
+    if (it == links_.end()) return;  // that link is closed: the peer stops waiting for it
+    it->second.retired.insert(m.region);
+    to = it->second.target;
+    if (in_flight_locked(it->second.id, m.region) > 0) {
+      owed_.push_back(OwedRetired{it->second.id, m.token, m.region, to});
+      now = false;
+    }
+  }
+  if (now) send_retired(m.token, m.region, to);
+}
+
+size_t FabricCore::in_flight_locked(uint64_t link, uint32_t region) const {
+  size_t n = 0;
+  for (const auto& [b, _] : batches_) n += b->link == link && b->region == region;
+  return n;
+}
+
+void FabricCore::send_retired(uint64_t token, uint32_t region, fi_addr_t to) {
+  if (stopping_) return;
+  auto* o = new OwnedSend;
+  o->dest = to;
+  Msg m;
+  m.type = MsgType::kRetired;
+  m.token = token;
+  m.region = region;
+  o->bytes = encode_msg(m);
+  send_owned(0, o);
+}
+
+void FabricCore::add_link(uint64_t link, const Connection& c) {
+  std::lock_guard<std::mutex> lock(mu_);
+  links_[c.token] = LinkInfo{link, c.dest.empty() ? FI_ADDR_UNSPEC : c.dest[0][0], {}};
+}
+
+void FabricCore::remove_link(uint64_t link) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto it = links_.begin(); it != links_.end();) {
+    it = it->second.id == link ? links_.erase(it) : std::next(it);
+  }
+  owed_.erase(std::remove_if(owed_.begin(), owed_.end(),
+                             [&](const OwedRetired& o) { return o.link == link; }),
+              owed_.end());
+}
+
+bool FabricCore::region_retired(uint64_t link, uint32_t region) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [_, l] : links_) {
+    if (l.id == link) return l.retired.count(region) != 0;
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------- sessions
 
 void FabricCore::end_session(uint64_t peer) {
-  for (fi_addr_t a : sessions_.end(peer)) {
-    if (!stopping_) rails_[0]->remove(a);
+  auto gone = sessions_.end(peer);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [_, waiting] : retiring_) {
+      for (const auto& s : gone) waiting.erase(s.token);  // a gone initiator sends nothing
+    }
+  }
+  cv_.notify_all();
+  for (const auto& s : gone) {
+    if (!stopping_) rails_[0]->remove(s.reply);
   }
 }
 
@@ -128,6 +260,7 @@ Connection FabricCore::connect(const std::string& remote_address, uint64_t token
                                    provider_ + "'");
   }
   Connection c;
+  c.token = token;
   c.remote_rails = a.rails.size();
   c.dest.assign(rails_.size(), std::vector<fi_addr_t>(c.remote_rails, FI_ADDR_UNSPEC));
   try {
@@ -201,6 +334,11 @@ void FabricCore::finish_owned(OwnedSend* s, const std::string& error) {
       it->second.error = "sending the hello failed: " + error;
     }
   }
+  if (s->retire && !error.empty()) {  // the initiator cannot be told: stop waiting for it
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = retiring_.find(s->region);
+    if (it != retiring_.end()) it->second.erase(s->token);
+  }
   if (s->forget_dest && !stopping_) s->rail->remove(s->dest);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -235,12 +373,20 @@ void FabricCore::handle_hello(Rail& rail, const Msg& m) {
   send_owned(rail.index(), s);
 }
 
+// The Region a peer's transfer touches, for as long as it does; deregistration waits for it.
+std::shared_ptr<const Region> FabricCore::hold_region(uint32_t id, uint64_t key, Access access) {
+  if (!ctx_.regions.contains(id)) {
+    fail(ErrorCode::kInvalidRequest,
+         "region " + std::to_string(id) + " was deregistered while the transfer was in flight");
+  }
+  return ctx_.regions.check(id, key, access);
+}
+
 // ---------------------------------------------------------------- transfers
 
 void FabricCore::post_batch(std::unique_ptr<Batch> batch) {
   Batch* b = batch.get();
-  const bool write = b->kind == OpKind::kWrite;
-  b->pending = static_cast<uint32_t>(b->units.size()) + (write ? 1 : 0);
+  b->pending = static_cast<uint32_t>(b->units.size()) + 1;  // and its MAP / READ-BEGIN
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!stopping_) batches_[b] = std::move(batch);
@@ -250,7 +396,7 @@ void FabricCore::post_batch(std::unique_ptr<Batch> batch) {
     return;
   }
   std::vector<std::vector<OpCtx*>> per_rail(rails_.size());
-  if (write) per_rail[0].push_back(&b->map);  // the MAP first, though nothing relies on it
+  per_rail[0].push_back(&b->map);  // first, though only ordered providers keep it so
   for (auto& u : b->units) per_rail[u.rail].push_back(&u);
   for (size_t r = 0; r < rails_.size(); ++r) {
     if (!per_rail[r].empty()) rails_[r]->submit(per_rail[r]);
@@ -259,7 +405,20 @@ void FabricCore::post_batch(std::unique_ptr<Batch> batch) {
 
 void FabricCore::finish(Batch* b) {
   if (b->pending.fetch_sub(1) != 1) return;
+  // Every unit is done with the target's memory: let it release the region (a read always;
+  // a write whose units did not all land, since the target cannot count it to the end).
+  if ((b->kind == OpKind::kRead || b->failed || b->cancelled) && !stopping_) {
+    auto* s = new OwnedSend;
+    Msg m;
+    m.type = MsgType::kRelease;
+    m.tag = b->tag;
+    m.seq = b->seq;
+    s->bytes = encode_msg(m);
+    s->dest = b->target;
+    send_owned(0, s);
+  }
   std::unique_ptr<Batch> done;  // destroyed outside the lock (drops the region hold)
+  std::vector<OwedRetired> answer;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = batches_.find(b);
@@ -267,8 +426,17 @@ void FabricCore::finish(Batch* b) {
       done = std::move(it->second);
       batches_.erase(it);
     }
+    for (auto o = owed_.begin(); o != owed_.end();) {
+      if (o->link == b->link && o->region == b->region && in_flight_locked(o->link, o->region) == 0) {
+        answer.push_back(*o);
+        o = owed_.erase(o);
+      } else {
+        ++o;
+      }
+    }
   }
   cv_.notify_all();
+  for (const auto& o : answer) send_retired(o.token, o.region, o.to);
 }
 
 bool FabricCore::cancel_link(uint64_t link, double wait_s) {
@@ -302,7 +470,8 @@ void FabricCore::on_done(Rail&, OpCtx* op) {
   finish(b);
 }
 
-void FabricCore::on_failed(Rail& rail, OpCtx* op, int err, const std::string& why) {
+void FabricCore::on_failed(Rail& rail, OpCtx* op, int err, int prov_errno,
+                           const std::string& why) {
   if (op->batch == nullptr) {
     finish_owned(static_cast<OwnedSend*>(op), why);
     return;
@@ -312,10 +481,20 @@ void FabricCore::on_failed(Rail& rail, OpCtx* op, int err, const std::string& wh
     std::string what = op->kind == CtxKind::kSend ? "announcing a fabric write" : op_name(*b);
     Error e(ErrorCode::kTransport,
             what + " failed on " + provider_ + " (" + rail.domain_name() + "): " + why);
-    ctx_.sink.on_op_failed(b->slot, e);
-    // The peer itself is unreachable, not just this operation refused (a bad key, a region
-    // gone): fail the whole peer now rather than when its control connection notices.
-    if (peer_unreachable(err)) ctx_.sink.on_link_failed(b->peer, e);
+    if (op->kind != CtxKind::kSend && access_refused(err, prov_errno)) {
+      e = Error(ErrorCode::kInvalidRequest,
+                "the peer refused the " + op_name(*b) + " (its region was deregistered, or the "
+                "key is wrong) on " + provider_ + " (" + rail.domain_name() + "): " + why);
+    }
+    // The peer itself unreachable (not just this operation refused) fails the whole peer
+    // rather than waiting for its control connection to notice.
+    const bool lost = peer_unreachable(err, prov_errno);
+    if (b->kind == OpKind::kWrite) {
+      reports_.add(b->slot, b->peer, e, lost);  // the target may say why: let it first
+    } else {
+      ctx_.sink.on_op_failed(b->slot, e);
+      if (lost) ctx_.sink.on_link_failed(b->peer, e);
+    }
   }
   finish(b);
 }
@@ -351,11 +530,48 @@ void FabricCore::on_message(Rail& rail, const void* data, size_t len) {
       cv_.notify_all();
       break;
     }
-    case MsgType::kMap:
-      if (auto a = sessions_.map(m.tag, m.seq, m.units, m.slot)) {
-        ctx_.sink.on_arrival(a->peer, a->slot, a->units);
+    case MsgType::kMap: {
+      // Hold the region until the transfer is over; refuse it now if that cannot be (a race
+      // with deregistration, or a wrong key), rather than let it run into its deadline. The
+      // provider refuses the data itself.
+      std::shared_ptr<const Region> hold;
+      Error refusal(ErrorCode::kInvalidRequest, "");
+      try {
+        hold = hold_region(m.region, m.key, Access::kRemoteWrite);
+      } catch (const Error& e) {
+        refusal = e;
       }
+      auto a = sessions_.map(m.tag, m.seq, m.units, m.slot, m.region, hold);
+      if (!hold) {
+        if (auto peer = sessions_.peer_of(m.tag)) ctx_.sink.on_refused(*peer, m.slot, refusal);
+        break;
+      }
+      if (a) ctx_.sink.on_arrival(a->peer, a->slot, a->units);
       break;
+    }
+    case MsgType::kReadBegin: {
+      std::shared_ptr<const Region> hold;
+      try {
+        hold = hold_region(m.region, m.key, Access::kRemoteRead);
+      } catch (const Error&) {
+        // Tracked all the same: deregistration waits for it before closing the registration.
+      }
+      sessions_.read_begin(m.tag, m.seq, m.region, std::move(hold));
+      break;
+    }
+    case MsgType::kRelease:
+      sessions_.release(m.tag, m.seq);
+      break;
+    case MsgType::kRetire:
+      handle_retire(m);
+      break;
+    case MsgType::kRetired: {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = retiring_.find(m.region);
+      if (it != retiring_.end()) it->second.erase(m.token);
+      cv_.notify_all();
+      break;
+    }
   }
 }
 
@@ -381,6 +597,7 @@ void FabricCore::on_idle(Rail& rail) {
 
 void FabricCore::shutdown() {
   if (stopping_.exchange(true)) return;
+  reports_.stop();
   if (const char* d = std::getenv("KVTRANSFER_FABRIC_DEBUG"); d && *d && *d != '0') {
     std::lock_guard<std::mutex> lock(mu_);
     std::fprintf(stderr, "kvtransfer fabric %s at shutdown: %zu transfers in flight; %s\n",

@@ -40,9 +40,20 @@ bool want_hmem() {
   return h != nullptr;
 }
 
+// Writes complete at the initiator only once the target placed (and so checked) them, so a
+// refused key is an error there rather than a silent drop. The software providers otherwise
+// report a write complete when it left, before the target verified its key. Not on EFA: its
+// device RDMA write already reports remote access errors, and delivery-complete would push it
+// onto the slower emulated protocol. KVTRANSFER_FABRIC_DELIVERY_COMPLETE=0/1 overrides.
+bool want_delivery_complete(const std::string& provider) {
+  const char* env = std::getenv("KVTRANSFER_FABRIC_DELIVERY_COMPLETE");
+  if (env && *env) return std::strcmp(env, "0") != 0;
+  return provider != "efa";
+}
+
 // What the transport uses, and every mode / mr_mode bit it honours (see fabric_mr.cpp and
 // fabric_rail.cpp for how each one is honoured).
-InfoPtr make_hints(const std::string& provider, bool read, bool hmem) {
+InfoPtr make_hints(const std::string& provider, bool read, bool hmem, bool dc) {
   InfoPtr h(fi_allocinfo());
   if (!h) fail(ErrorCode::kTransport, "fi_allocinfo failed (out of memory?)");
   h->caps = FI_MSG | FI_RMA | FI_SEND | FI_RECV | FI_WRITE | FI_REMOTE_WRITE;
@@ -50,6 +61,7 @@ InfoPtr make_hints(const std::string& provider, bool read, bool hmem) {
   if (hmem) h->caps |= FI_HMEM;
   h->mode = FI_CONTEXT | FI_CONTEXT2 | FI_RX_CQ_DATA | FI_ASYNC_IOV;
   h->ep_attr->type = FI_EP_RDM;
+  if (dc) h->tx_attr->op_flags = FI_DELIVERY_COMPLETE;
   h->domain_attr->mr_mode = FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY |
                             FI_MR_ENDPOINT | (hmem ? FI_MR_HMEM : 0);
   h->domain_attr->threading = FI_THREAD_SAFE;
@@ -60,8 +72,9 @@ InfoPtr make_hints(const std::string& provider, bool read, bool hmem) {
 }
 
 // One fi_getinfo; entries copied out one by one (each with next == nullptr).
-std::vector<InfoPtr> query(const std::string& provider, bool read, bool hmem, const char* node) {
-  InfoPtr hints = make_hints(provider, read, hmem);
+std::vector<InfoPtr> query(const std::string& provider, bool read, bool hmem, bool dc,
+                           const char* node) {
+  InfoPtr hints = make_hints(provider, read, hmem, dc);
   fi_info* list = nullptr;
   int rc = fi_getinfo(load_library().api_version, node, nullptr, node ? FI_SOURCE : 0,
                       hints.get(), &list);
@@ -80,16 +93,16 @@ bool usable(const fi_info* i, bool bound) {
 }
 
 // The entries for `provider` (empty: all), IP providers bound to listen_host.
-std::vector<InfoPtr> candidates(const std::string& provider, bool read, bool hmem,
+std::vector<InfoPtr> candidates(const std::string& provider, bool read, bool hmem, bool dc,
                                 const std::string& listen_host) {
   const bool bind = !listen_host.empty() && listen_host != "0.0.0.0" && listen_host != "*";
   std::vector<InfoPtr> out;
   if (bind) {
-    for (auto& i : query(provider, read, hmem, listen_host.c_str())) {
+    for (auto& i : query(provider, read, hmem, dc, listen_host.c_str())) {
       if (usable(i.get(), true)) out.push_back(std::move(i));
     }
   }
-  for (auto& i : query(provider, read, hmem, nullptr)) {
+  for (auto& i : query(provider, read, hmem, dc, nullptr)) {
     if (!bind || usable(i.get(), false)) out.push_back(std::move(i));
   }
   // EFA 2.x lists two fabrics under one provider: "efa" (full protocol) and "efa-direct" (the
@@ -139,7 +152,7 @@ ProviderSpec parse_provider_spec(const std::string& spec) {
 std::vector<std::string> available_providers() {
   std::vector<std::string> names;
   for (bool read : {true, false}) {
-    for (auto& i : query("", read, false, nullptr)) {
+    for (auto& i : query("", read, false, false, nullptr)) {
       std::string n = i->fabric_attr->prov_name;
       if (std::find(names.begin(), names.end(), n) == names.end()) names.push_back(n);
     }
@@ -161,16 +174,18 @@ Selection select_rails(const ProviderSpec& spec, const std::string& listen_host)
     order = provider_preference();
   }
   for (const auto& prov : order) {
-    // Strongest first: read + hmem, then without hmem, then write-only (push).
-    for (int attempt = 0; attempt < 4; ++attempt) {
-      bool read = attempt < 2, hmem = attempt % 2 == 0;
-      if ((hmem && !hmem_wanted) || (read && !read_allowed)) continue;
-      auto found = candidates(prov, read, hmem, listen_host);
+    const bool dc_wanted = want_delivery_complete(prov);
+    // Strongest first: read + hmem + delivery-complete writes, down to write-only (push).
+    for (int attempt = 0; attempt < 8; ++attempt) {
+      bool read = attempt < 4, hmem = attempt % 4 < 2, dc = attempt % 2 == 0;
+      if ((hmem && !hmem_wanted) || (read && !read_allowed) || (dc && !dc_wanted)) continue;
+      auto found = candidates(prov, read, hmem, dc, listen_host);
       if (found.empty()) continue;
       Selection sel;
       sel.provider = prov;
       sel.rdma_read = read;
       sel.hmem = hmem;
+      sel.delivery_complete = dc;
       std::vector<std::string> names;  // distinct domains, in the provider's order
       for (const auto& i : found) {
         std::string d = i->domain_attr->name ? i->domain_attr->name : "";

@@ -38,6 +38,7 @@ struct Selection {
   std::vector<InfoPtr> rails;    // one fi_info (a single entry, next == nullptr) per rail
   bool rdma_read = false;        // FI_READ granted
   bool hmem = false;             // FI_HMEM granted (device memory may be registered)
+  bool delivery_complete = false;  // writes complete when placed at the target
 };
 
 // listen_host binds IP-addressed providers (tcp, udp, verbs) to that interface, so loopback

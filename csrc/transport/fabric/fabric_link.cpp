@@ -16,7 +16,9 @@ class FabricPrepared : public PreparedOp {
 }  // namespace
 
 FabricLink::FabricLink(std::shared_ptr<FabricCore> core, uint64_t peer, Connection conn)
-    : core_(std::move(core)), peer_(peer), id_(core_->new_link_id()), conn_(std::move(conn)) {}
+    : core_(std::move(core)), peer_(peer), id_(core_->new_link_id()), conn_(std::move(conn)) {
+  core_->add_link(id_, conn_);
+}
 
 FabricLink::~FabricLink() { close(); }
 
@@ -27,14 +29,15 @@ std::unique_ptr<PreparedOp> FabricLink::prepare(OpRequest op) {
          "fabric provider " + core_->provider() + " does not support RDMA read here; use push "
          "(write) from the side that has the data instead of pulling it");
   }
+  if (core_->region_retired(id_, op.remote.id)) {
+    fail(ErrorCode::kInvalidRequest, "peer region " + std::to_string(op.remote.id) +
+                                         " was deregistered");
+  }
   std::vector<RailKey> keys = decode_rkey(op.remote.rkey);
   if (keys.size() != conn_.remote_rails) {
     fail(ErrorCode::kProtocol, "peer's key for region " + std::to_string(op.remote.id) + " names " +
                                    std::to_string(keys.size()) + " rails, its address " +
                                    std::to_string(conn_.remote_rails));
-  }
-  if (core_->fault_bad_rkey()) {  // fault injection (tests): every key wrong
-    for (auto& k : keys) k.key ^= 0x5a5a5a5a5a5a5a5aull;
   }
   const std::vector<void*> desc = core_->descriptors(op.local->id);
   const size_t n_local = core_->rail_count();
@@ -53,8 +56,12 @@ std::unique_ptr<PreparedOp> FabricLink::prepare(OpRequest op) {
   b->kind = op.kind;
   b->link = id_;
   b->peer = peer_;
+  b->region = op.remote.id;
   b->hold = op.local;
-  const uint32_t seq = write ? (next_seq_++ & kSeqMask) : 0;
+  const uint32_t seq = next_seq_++ & kSeqMask;
+  b->tag = conn_.tag;
+  b->seq = seq;
+  b->target = conn_.dest[0][0];
   const uint64_t imm = make_imm(conn_.tag, seq);
   uint64_t unit_bytes = 0;
   size_t remote_rail = 0;
@@ -89,13 +96,15 @@ std::unique_ptr<PreparedOp> FabricLink::prepare(OpRequest op) {
     }
   }
   for (auto& u : b->units) u.batch = b.get();
-  if (write && !b->units.empty()) {
+  if (!b->units.empty()) {
     Msg m;
-    m.type = MsgType::kMap;
+    m.type = write ? MsgType::kMap : MsgType::kReadBegin;
     m.tag = conn_.tag;
     m.seq = seq;
     m.units = static_cast<uint32_t>(b->units.size());
     m.slot = op.slot;
+    m.region = op.remote.id;
+    m.key = op.remote.key;
     b->map.bytes = encode_msg(m);
     b->map.dest = conn_.dest[0][0];
     b->map.batch = b.get();
@@ -118,6 +127,7 @@ void FabricLink::post(std::unique_ptr<PreparedOp> op) {
 void FabricLink::close() {
   if (closed_.exchange(true)) return;
   if (core_->stopping()) return;
+  core_->remove_link(id_);
   // Whatever the provider still holds keeps its memory registered; left to shutdown if slow.
   if (core_->cancel_link(id_, kDrainS)) core_->disconnect(conn_);
 }

@@ -59,9 +59,13 @@ struct Batch {
   OpKind kind = OpKind::kWrite;
   uint64_t link = 0;
   uint64_t peer = 0;  // the Endpoint's peer session (for on_link_failed)
+  uint32_t region = 0;  // the target region
+  uint32_t tag = 0;   // the session's tag at the target, and this transfer's n there
+  uint32_t seq = 0;
+  fi_addr_t target = FI_ADDR_UNSPEC;  // the target's rail 0 (for MAP / READ-BEGIN / RELEASE)
   std::shared_ptr<const Region> hold;
   std::vector<Unit> units;  // never resized once posted
-  SendCtx map;              // writes: tells the target which slot this transfer's n is
+  SendCtx map;              // MAP (writes) or READ-BEGIN (reads), posted before the units
   std::atomic<uint32_t> pending{0};     // ops posted or queued, not yet finished
   std::atomic<bool> failed{false};      // an error was reported: post nothing more of it
   std::atomic<bool> cancelled{false};   // its link closed: post nothing, report nothing

@@ -44,8 +44,9 @@ fi_addr_t dest_of(const OpCtx* op) {
 
 }  // namespace
 
-Rail::Rail(uint32_t index, InfoPtr info, RailEvents& events)
+Rail::Rail(uint32_t index, InfoPtr info, RailEvents& events, bool delivery_complete)
     : index_(index), info_(std::move(info)), events_(events) {
+  limits_.delivery_complete = delivery_complete;
   const fi_info* i = info_.get();
   limits_.tx_depth = std::max<size_t>(1, i->tx_attr->size);
   limits_.iov_limit = std::max<size_t>(1, i->tx_attr->iov_limit);
@@ -75,7 +76,8 @@ std::string Rail::describe() const {
   return std::string(info_->fabric_attr->prov_name) + " on " + domain_name_ + " (tx depth " +
          std::to_string(limits_.tx_depth) + ", iov " + std::to_string(limits_.iov_limit) + "/" +
          std::to_string(limits_.rma_iov_limit) + ", mr_mode " + mr_mode_names(limits_.mr_mode) +
-         (limits_.manual_progress ? ", manual progress" : "") + ")";
+         (limits_.manual_progress ? ", manual progress" : "") +
+         (limits_.delivery_complete ? ", delivery-complete writes" : "") + ")";
 }
 
 void Rail::open() {
@@ -98,7 +100,7 @@ void Rail::open() {
   const bool can_block = std::strcmp(info_->fabric_attr->prov_name, "shm") != 0;
   cq_attr.wait_obj = can_block ? FI_WAIT_UNSPEC : FI_WAIT_NONE;
   cq_waits_ = can_block;
-  post_inline_ = can_block;  // shm: only the completion thread calls into the provider
+  post_inline_ = can_block && !std::getenv("KVT_NOINLINE");  // shm: only the completion thread calls into the provider
   int rc = fi_cq_open(domain_, &cq_attr, &cq_, nullptr);
   if (rc != 0 && can_block) {  // no wait objects (EFA before 2.4): poll with back-off instead
     cq_attr.wait_obj = FI_WAIT_NONE;
@@ -147,25 +149,40 @@ void Rail::open() {
   thread_ = std::thread([this] { completion_loop(); });
 }
 
+// One AV entry per distinct peer address, shared and counted: a peer that connects and closes
+// 10,000 times reuses one entry instead of churning the AV (shm's holds only a few hundred).
 fi_addr_t Rail::insert(const std::string& raw) {
+  std::lock_guard<std::mutex> serial(av_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = by_raw_.find(raw);
+    if (it != by_raw_.end()) {
+      it->second.refs++;  // also revives an entry waiting to be forgotten
+      return it->second.addr;
+    }
+  }
   // FI_ADDR_STR providers (shm) read a NUL-terminated string; others addrlen bytes.
   std::vector<char> buf(std::max<size_t>(raw.size() + 1, 256), 0);
   std::memcpy(buf.data(), raw.data(), raw.size());
   fi_addr_t addr = FI_ADDR_NOTAVAIL;
-  int rc = fi_av_insert(av_, buf.data(), 1, &addr, 0, nullptr);
+  int rc;
+  {
+    std::lock_guard<std::mutex> post(post_mu_);
+    rc = fi_av_insert(av_, buf.data(), 1, &addr, 0, nullptr);
+  }
   if (rc != 1 || addr == FI_ADDR_NOTAVAIL) {
     fail(ErrorCode::kTransport, "the peer's address was refused by " + describe() + ": " +
                                     (rc < 0 ? fi_strerror(-rc) : "not inserted"));
   }
+  std::lock_guard<std::mutex> lock(mu_);
+  by_raw_[raw] = AvEntry{addr, 1};
+  raw_of_[addr] = raw;
   // shm names an endpoint "fi_shm://<pid>:...": remember whose process it is.
   static const char kShm[] = "fi_shm://";
   if (std::strcmp(info_->fabric_attr->prov_name, "shm") == 0 &&
       raw.compare(0, sizeof kShm - 1, kShm) == 0) {
     int pid = std::atoi(raw.c_str() + sizeof kShm - 1);
-    if (pid > 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      processes_[addr] = PeerProcess{pid, {}, true};
-    }
+    if (pid > 0) processes_[addr] = PeerProcess{pid, {}, true};
   }
   return addr;
 }
@@ -212,23 +229,37 @@ bool Rail::peer_gone(fi_addr_t addr, std::string* why) {
 void Rail::remove(fi_addr_t addr) {
   if (addr == FI_ADDR_UNSPEC || addr == FI_ADDR_NOTAVAIL) return;
   std::lock_guard<std::mutex> lock(mu_);
-  if (!stopping_) forget_.emplace_back(std::chrono::steady_clock::now() + kAvGrace, addr);
+  auto raw = raw_of_.find(addr);
+  if (stopping_ || raw == raw_of_.end()) return;
+  auto it = by_raw_.find(raw->second);
+  if (it == by_raw_.end() || it->second.refs == 0) return;
+  if (--it->second.refs == 0) {
+    forget_.emplace_back(std::chrono::steady_clock::now() + kAvGrace, addr);
+  }
 }
 
 void Rail::forget_due() {
   std::vector<fi_addr_t> due;
+  std::lock_guard<std::mutex> serial(av_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
     const auto now = std::chrono::steady_clock::now();
     while (!forget_.empty() && forget_.front().first <= now) {
-      due.push_back(forget_.front().second);
+      fi_addr_t a = forget_.front().second;
       forget_.pop_front();
+      auto raw = raw_of_.find(a);
+      if (raw == raw_of_.end()) continue;
+      auto it = by_raw_.find(raw->second);
+      if (it != by_raw_.end() && it->second.refs > 0) continue;  // used again meanwhile
+      if (it != by_raw_.end()) by_raw_.erase(it);
+      raw_of_.erase(raw);
+      processes_.erase(a);
+      due.push_back(a);
     }
   }
   for (fi_addr_t a : due) {
+    std::lock_guard<std::mutex> post(post_mu_);
     fi_av_remove(av_, &a, 1, 0);
-    std::lock_guard<std::mutex> lock(mu_);
-    processes_.erase(a);
   }
 }
 
@@ -246,8 +277,9 @@ ssize_t Rail::post(OpCtx* op, int send_slot) {
       m.rma_iov_count = u->rma.size();
       m.context = op;
       m.data = u->imm;
-      return op->kind == CtxKind::kWrite ? fi_writemsg(ep_, &m, FI_REMOTE_CQ_DATA | (std::getenv("KVT_DC") ? FI_DELIVERY_COMPLETE : 0))
-                                         : fi_readmsg(ep_, &m, std::getenv("KVT_DC") ? FI_DELIVERY_COMPLETE : 0);
+      const uint64_t dc = limits_.delivery_complete ? FI_DELIVERY_COMPLETE : 0;
+      return op->kind == CtxKind::kWrite ? fi_writemsg(ep_, &m, FI_REMOTE_CQ_DATA | dc)
+                                         : fi_readmsg(ep_, &m, 0);
     }
     case CtxKind::kSend: {
       auto* s = static_cast<SendCtx*>(op);
@@ -287,7 +319,13 @@ bool Rail::pump() {
       credits_--;
     }
     std::string why;
-    ssize_t rc = peer_gone(dest_of(op), &why) ? -FI_ENOTCONN : post(op, slot);
+    ssize_t rc;
+    {
+      // One poster at a time per endpoint: FI_THREAD_SAFE notwithstanding, ofi_rxd corrupts
+      // its lists (and then spins on them) when two threads post to one endpoint at once.
+      std::lock_guard<std::mutex> serial(post_mu_);
+      rc = peer_gone(dest_of(op), &why) ? -FI_ENOTCONN : post(op, slot);
+    }
     if (stopping_) return true;  // maybe long after stop() gave up on this thread: touch nothing
     if (rc == 0) continue;
     std::lock_guard<std::mutex> lock(mu_);
@@ -305,7 +343,7 @@ bool Rail::pump() {
     if (why.empty()) {
       why = std::string("posting to ") + describe() + " failed: " + fi_strerror(static_cast<int>(-rc));
     }
-    failed.push_back(Failure{op, static_cast<int>(-rc), why});
+    failed.push_back(Failure{op, static_cast<int>(-rc), 0, why});
   }
   report(skipped, failed);
   return !pushed_back;
@@ -313,7 +351,7 @@ bool Rail::pump() {
 
 void Rail::report(std::vector<OpCtx*>& skipped, std::vector<Failure>& failed) {
   for (OpCtx* op : skipped) events_.on_skipped(*this, op);
-  for (auto& f : failed) events_.on_failed(*this, f.op, f.err, f.why);
+  for (auto& f : failed) events_.on_failed(*this, f.op, f.err, f.prov_errno, f.why);
   skipped.clear();
   failed.clear();
 }
@@ -372,7 +410,11 @@ void Rail::post_receives() {
   for (size_t k = 0; k < todo.size(); ++k) {
     RecvCtx* r = todo[k];
     char* buf = arena_.data() + static_cast<size_t>(r->buf) * kMaxMsgBytes;
-    ssize_t rc = fi_recv(ep_, buf, kMaxMsgBytes, arena_desc_, FI_ADDR_UNSPEC, r);
+    ssize_t rc;
+    {
+      std::lock_guard<std::mutex> serial(post_mu_);
+      rc = fi_recv(ep_, buf, kMaxMsgBytes, arena_desc_, FI_ADDR_UNSPEC, r);
+    }
     if (rc == -FI_EAGAIN) {
       again.assign(todo.begin() + static_cast<long>(k), todo.end());
       break;
@@ -457,7 +499,7 @@ void Rail::handle_error() {
     return;
   }
   release(op);
-  events_.on_failed(*this, op, err.err, why);
+  events_.on_failed(*this, op, err.err, err.prov_errno, why);
 }
 
 void Rail::completion_loop() {

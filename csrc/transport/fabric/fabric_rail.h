@@ -48,7 +48,8 @@ class RailEvents {
   virtual ~RailEvents() = default;
   virtual void on_done(Rail& rail, OpCtx* op) = 0;                          // write/read/send
   // ... ended with an error: err is the positive FI_* errno, why says it in words.
-  virtual void on_failed(Rail& rail, OpCtx* op, int err, const std::string& why) = 0;
+  // prov_errno: the provider's own code (0 when none).
+  virtual void on_failed(Rail& rail, OpCtx* op, int err, int prov_errno, const std::string& why) = 0;
   virtual void on_skipped(Rail& rail, OpCtx* op) = 0;  // dropped unposted (its batch ended)
   virtual void on_message(Rail& rail, const void* data, size_t len) = 0;
   virtual void on_remote_write(Rail& rail, uint64_t imm) = 0;
@@ -66,6 +67,7 @@ struct RailLimits {
   uint64_t mode = 0;
   bool manual_progress = false;
   bool hmem = false;
+  bool delivery_complete = false;  // writes carry FI_DELIVERY_COMPLETE
 };
 
 class Rail {
@@ -75,7 +77,7 @@ class Rail {
   static constexpr auto kMaxBackoff = std::chrono::milliseconds(1);
   static constexpr auto kStopGrace = std::chrono::seconds(3);
 
-  Rail(uint32_t index, InfoPtr info, RailEvents& events);
+  Rail(uint32_t index, InfoPtr info, RailEvents& events, bool delivery_complete);
   ~Rail();
   Rail(const Rail&) = delete;
   Rail& operator=(const Rail&) = delete;
@@ -89,11 +91,12 @@ class Rail {
   fid_ep* ep() const { return ep_; }
   std::string describe() const;  // "shm on shm (tx depth 1024, iov 4/4, mr_mode [...])"
 
-  // Inserts a peer's raw address; throws TransportError.
+  // Inserts a peer's raw address (or counts another use of it); throws TransportError.
   fi_addr_t insert(const std::string& raw);
-  // Forgets an address kAvGrace from now, on the completion thread: never concurrently with
-  // progress that may still hold a command from that peer (shm 1.17 crashes on that race when
-  // a peer was killed mid-transfer), and never while its last completions may still come.
+  // Drops one use; the last one forgets the address kAvGrace later, on the completion thread:
+  // never concurrently with progress that may still hold a command from that peer (shm 1.17
+  // crashes on that race when a peer was killed mid-transfer), and never while its last
+  // completions may still come.
   void remove(fi_addr_t addr);
   static constexpr auto kAvGrace = std::chrono::seconds(5);
 
@@ -119,6 +122,7 @@ class Rail {
   struct Failure {
     OpCtx* op;
     int err;
+    int prov_errno;
     std::string why;
   };
   // Posts queued operations while credits last; any thread. False: the provider pushed back.
@@ -157,6 +161,7 @@ class Rail {
   size_t recv_slots_ = 0;
   std::vector<RecvCtx> recvs_;
 
+  std::mutex post_mu_;  // around each post / receive / AV call into the provider (never with mu_)
   std::mutex mu_;  // queue_, credits_, free_sends_, busy_, repost_, forget_
   std::condition_variable wake_;  // polling mode: new work
   std::deque<OpCtx*> queue_;
@@ -178,6 +183,13 @@ class Rail {
     bool alive = true;
   };
   std::map<fi_addr_t, PeerProcess> processes_;  // under mu_
+  struct AvEntry {
+    fi_addr_t addr = FI_ADDR_UNSPEC;
+    size_t refs = 0;
+  };
+  std::mutex av_mu_;  // serialises insert() and the removals, so one address has one entry
+  std::map<std::string, AvEntry> by_raw_;         // under mu_
+  std::map<fi_addr_t, std::string> raw_of_;       // under mu_
 };
 
 }  // namespace kvt::fabric

@@ -46,8 +46,6 @@ FabricAddress decode_address(const std::string& bytes) {
 
 std::string encode_rkey(const std::vector<RailKey>& keys) {
   wire::Writer w;
-  w.u8(kVersion);
-  w.u8(static_cast<uint8_t>(keys.size()));
   for (const auto& k : keys) {
     w.u64(k.key);
     w.u64(k.base);
@@ -56,11 +54,12 @@ std::string encode_rkey(const std::vector<RailKey>& keys) {
 }
 
 std::vector<RailKey> decode_rkey(const std::string& bytes) {
+  if (bytes.size() % 16 != 0 || bytes.size() / 16 > kMaxRails) {
+    fail(ErrorCode::kProtocol, "peer's fabric remote key has " + std::to_string(bytes.size()) +
+                                   " bytes, not 16 per rail");
+  }
   wire::Reader r(bytes, "fabric remote key");
-  if (r.u8() != kVersion) fail(ErrorCode::kProtocol, "peer's fabric remote key has an unknown version");
-  size_t n = r.u8();
-  if (n > kMaxRails) fail(ErrorCode::kProtocol, "peer's fabric remote key lists too many rails");
-  std::vector<RailKey> keys(n);
+  std::vector<RailKey> keys(bytes.size() / 16);
   for (auto& k : keys) {
     k.key = r.u64();
     k.base = r.u64();
@@ -89,6 +88,23 @@ std::string encode_msg(const Msg& m) {
       w.u32(m.seq);
       w.u32(m.units);
       w.u64(m.slot);
+      w.u32(m.region);
+      w.u64(m.key);
+      break;
+    case MsgType::kReadBegin:
+      w.u32(m.tag);
+      w.u32(m.seq);
+      w.u32(m.region);
+      w.u64(m.key);
+      break;
+    case MsgType::kRelease:
+      w.u32(m.tag);
+      w.u32(m.seq);
+      break;
+    case MsgType::kRetire:
+    case MsgType::kRetired:
+      w.u64(m.token);
+      w.u32(m.region);
       break;
   }
   return w.str();
@@ -115,6 +131,23 @@ Msg decode_msg(const void* data, size_t len) {
       m.seq = r.u32();
       m.units = r.u32();
       m.slot = r.u64();
+      m.region = r.u32();
+      m.key = r.u64();
+      break;
+    case MsgType::kReadBegin:
+      m.tag = r.u32();
+      m.seq = r.u32();
+      m.region = r.u32();
+      m.key = r.u64();
+      break;
+    case MsgType::kRelease:
+      m.tag = r.u32();
+      m.seq = r.u32();
+      break;
+    case MsgType::kRetire:
+    case MsgType::kRetired:
+      m.token = r.u64();
+      m.region = r.u32();
       break;
     default:
       fail(ErrorCode::kProtocol, "fabric message of unknown type " + std::to_string(static_cast<int>(m.type)));
