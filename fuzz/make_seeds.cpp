@@ -143,6 +143,7 @@ void data_seeds() {
   put(h, "read_req", make(DataType::kReadReq, 6, three, 0));
   put(h, "read_resp", make(DataType::kReadResp, 6, {}, 8292));
   put(h, "read_err", make(DataType::kReadErr, 6, {}, 12) + "no such area");
+  put(h, "begin", make(DataType::kBegin, 7, {}, 29) + std::string(33, 'b'));
   std::vector<DataDesc> many(kMaxDescsPerFrame, DataDesc{0, 1});
   put(h, "write_max_descs", make(DataType::kWrite, 7, many, kMaxDescsPerFrame));
   // Edge cases.

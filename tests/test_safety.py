@@ -154,6 +154,10 @@ def test_hostile_raw_clients_do_not_disturb_a_legit_transfer(pair):
     attack(lambda r: rc.data_frame(rc.D_WRITE, 5, g, r[g]["key"], [(0, 4)], b"evil" * 2))
     attack(lambda r: rc.data_frame(rc.D_WRITE, 6, 12345, 0, [(0, 4)], b"evil"))
     attack(lambda r: rc.data_frame(rc.D_READREQ, 7, v, r[v]["key"], [(0, 4)]))
+    # BEGIN frames riding on the data connection: without their crc, and with a wrong one.
+    attack(lambda r: rc.data_frame(rc.D_BEGIN, 8, payload=b"\x08" + b"\x00" * 28))
+    attack(lambda r: rc.data_frame(rc.D_BEGIN, 9, payload=b"\x09" + b"\x00" * 28, flags=1)
+           + b"bad!")
     time.sleep(0.3)
     stop.set()
     t.join(30)
@@ -164,7 +168,8 @@ def test_hostile_raw_clients_do_not_disturb_a_legit_transfer(pair):
     assert errors and all(isinstance(e, kvt.ProtocolError) for e in errors)
     text = " ".join(map(str, errors))
     for fragment in ["bad magic", "wrong key", "outside region", "crc32c", "over the limit",
-                     "did not start with HELLO", "segments sum to"]:
+                     "did not start with HELLO", "segments sum to", "without its crc32c",
+                     "begin frame of transfer 9 fails its crc32c"]:
         assert fragment in text, fragment
 
 

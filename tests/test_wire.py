@@ -356,7 +356,7 @@ def test_every_flipped_bit_of_a_data_frame_is_detected():
     ((0, struct.pack("<I", rc.CONTROL_MAGIC)), "bad magic"),
     ((4, struct.pack("<H", V + 1)), f"version {V + 1}"),
     ((6, b"\x00"), "unknown type 0"),
-    ((6, b"\x06"), "unknown type 6"),
+    ((6, b"\x07"), "unknown type 7"),
     ((7, b"\x02"), "unknown flags"),
     ((8, struct.pack("<I", 1001)), "over the limit of 1000"),
     ((8, struct.pack("<I", 0xFFFFFFFF)), "over the limit of 1000"),

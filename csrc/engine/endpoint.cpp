@@ -77,6 +77,7 @@ Endpoint::Endpoint(EndpointOptions options)
     injector->wrap(make_transport(options_.transport, TransportContext{regions_, *injector, topts}));
     transport_ = std::move(injector);
   }
+  carries_begin_ = transport_->caps().carries_begin;
   listener_ = net::listen_tcp(hp.host, hp.port);
   address_ = net::local_address(listener_);
   threads_.spawn([this] { accept_loop(); });
@@ -319,19 +320,9 @@ void Endpoint::handle(PeerConn& peer, const ControlMessage& m) {
     fail(ErrorCode::kProtocol, version_mismatch(m.version, "peer '" + peer.name + "'"));
   }
   switch (m.type) {
-    case MsgType::kBegin: {
-      auto begin = wire::decode_begin(m.body);
-      auto deadline = Clock::now() + std::chrono::milliseconds(begin.deadline_ms);
-      if (peer.has_clock_offset && begin.start_ns != 0) {
-        int64_t start_here = static_cast<int64_t>(begin.start_ns) + peer.clock_offset_ns;
-        deadline = Clock::time_point(std::chrono::nanoseconds(start_here)) +
-                   std::chrono::milliseconds(begin.deadline_ms);
-      }
-      auto o = inbound_.begin(peer.id, peer.name, begin, deadline);
-      add_pending();
-      if (o) settle(*o);
+    case MsgType::kBegin:
+      begin_inbound(peer, m.body);
       break;
-    }
     case MsgType::kAck: {
       auto ack = wire::decode_ack(m.body);
       if (ack.code == 0) {
@@ -399,6 +390,23 @@ void Endpoint::settle(const InboundOutcome& o) {
   } catch (const Error&) {
     // The control loop reports the broken connection.
   }
+}
+
+void Endpoint::begin_inbound(PeerConn& peer, const std::string& body) {
+  auto begin = wire::decode_begin(body);
+  auto deadline = Clock::now() + std::chrono::milliseconds(begin.deadline_ms);
+  if (peer.has_clock_offset && begin.start_ns != 0) {
+    int64_t start_here = static_cast<int64_t>(begin.start_ns) + peer.clock_offset_ns;
+    deadline = Clock::time_point(std::chrono::nanoseconds(start_here)) +
+               std::chrono::milliseconds(begin.deadline_ms);
+  }
+  auto o = inbound_.begin(peer.id, peer.name, begin, deadline);
+  add_pending();
+  if (o) settle(*o);
+}
+
+void Endpoint::on_begin(uint64_t peer_id, const std::string& body) {
+  if (auto peer = find_peer(peer_id)) begin_inbound(*peer, body);
 }
 
 // ---------------------------------------------------------------- transfers
@@ -526,11 +534,17 @@ std::shared_ptr<TransferState> Endpoint::start(OpKind kind, PeerConn& peer, uint
                       x->notify,
                       static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                                 x->start.time_since_epoch()).count())};
-    try {
-      peer.control->send(wire::MsgType::kBegin, wire::encode(begin));
-    } catch (const Error& e) {
-      finish_transfer(slot, TransferStatus::kError, ErrorCode::kTransport, e.what());
-      return x;
+    // A one-unit write's BEGIN rides in its unit where the transport can carry it: the target
+    // then learns of the transfer and receives it in one message, with one thread woken.
+    if (carries_begin_ && prepared->units == 1) {
+      prepared->begin = wire::encode(begin);
+    } else {
+      try {
+        peer.control->send(wire::MsgType::kBegin, wire::encode(begin));
+      } catch (const Error& e) {
+        finish_transfer(slot, TransferStatus::kError, ErrorCode::kTransport, e.what());
+        return x;
+      }
     }
     peer.link->post(std::move(prepared));
   } else if (prepared->units == 0) {
@@ -686,13 +700,19 @@ std::shared_ptr<PeerConn> Endpoint::find_peer(uint64_t id) {
 
 // ---------------------------------------------------------------- deadlines
 
-void Endpoint::add_pending() { watch_cv_.notify_one(); }
+void Endpoint::add_pending() {
+  if (watch_idle_.exchange(false)) {
+    std::lock_guard<std::mutex> lock(watch_mu_);  // not lost between its check and its wait
+    watch_cv_.notify_one();
+  }
+}
 
 // Sleeps while nothing is pending; otherwise wakes every 10 ms to expire deadlines (a bounded
 // tick instead of a heap: cheap, and deadlines are seconds).
 void Endpoint::watchdog_loop() {
   std::unique_lock<std::mutex> lock(watch_mu_);
   while (!closing_) {
+    watch_idle_ = true;  // before looking: work added after this wakes us, work before is seen
     bool busy;
     {
       std::lock_guard<std::mutex> l2(mu_);
@@ -700,9 +720,10 @@ void Endpoint::watchdog_loop() {
     }
     busy = busy || inbound_.pending() > 0;
     if (busy) {
+      watch_idle_ = false;
       watch_cv_.wait_for(lock, std::chrono::milliseconds(10));
     } else {
-      watch_cv_.wait_for(lock, std::chrono::seconds(1));
+      watch_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return !watch_idle_ || closing_; });
     }
     if (closing_) break;
     lock.unlock();

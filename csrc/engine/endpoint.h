@@ -92,6 +92,7 @@ class Endpoint : public TransportSink {
 
   // TransportSink
   void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) override;
+  void on_begin(uint64_t peer, const std::string& body) override;
   void on_refused(uint64_t peer, uint64_t slot, const Error& error) override;
   bool accepts(uint64_t peer, uint64_t slot) override;
   void on_read_landed(uint64_t slot, uint32_t units) override;
@@ -108,6 +109,7 @@ class Endpoint : public TransportSink {
   void handshake_as_server(PeerConn& peer);
   void handshake_as_client(PeerConn& peer);
   void handle(PeerConn& peer, const ControlMessage& m);
+  void begin_inbound(PeerConn& peer, const std::string& body);
   void settle(const InboundOutcome& o);
   void finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code, const std::string& error);
   void peer_failed(uint64_t peer, const Error& error);
@@ -121,6 +123,7 @@ class Endpoint : public TransportSink {
   EndpointOptions options_;
   RegionRegistry regions_;
   std::unique_ptr<Transport> transport_;
+  bool carries_begin_ = false;
   net::Socket listener_;
   std::string address_;
 
@@ -138,6 +141,9 @@ class Endpoint : public TransportSink {
 
   std::mutex watch_mu_;
   std::condition_variable watch_cv_;
+  // True while the watchdog sleeps its long idle wait: only then does new work need to wake it
+  // (a wake per transfer would put a third thread on the latency path of a 2-core host).
+  std::atomic<bool> watch_idle_{false};
   std::atomic<bool> closing_{false};
   std::thread watchdog_;
   ThreadSet threads_;

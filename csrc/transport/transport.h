@@ -26,6 +26,9 @@ struct TransportCaps {
   bool rdma_read = false;         // Endpoint::read works
   bool ordered = false;           // units arrive in posting order (never relied upon)
   bool software_key_check = false;  // keys and bounds checked by our code (vs. the NIC)
+  // A one-unit write can carry the Endpoint's BEGIN in its unit (PreparedOp::begin), delivered
+  // through TransportSink::on_begin: one message instead of two on the latency path.
+  bool carries_begin = false;
   uint64_t max_segment = UINT64_MAX;
 };
 
@@ -53,6 +56,9 @@ class PreparedOp {
  public:
   virtual ~PreparedOp() = default;
   uint32_t units = 0;
+  // Set by the Endpoint between prepare and post, only where caps().carries_begin and units == 1:
+  // the encoded BEGIN body, to reach the target ahead of (or with) the op's unit.
+  std::string begin;
 };
 
 // Upcalls from transport threads into the Endpoint. Must not block for long.
@@ -61,6 +67,9 @@ class TransportSink {
   virtual ~TransportSink() = default;
   // Target: `units` units of transfer `slot` from peer session `peer` are visible in memory.
   virtual void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) = 0;
+  // Target: a BEGIN carried by a data unit (see TransportCaps::carries_begin), before the
+  // transport reports that unit. Throws ProtocolError if the body is malformed.
+  virtual void on_begin(uint64_t peer, const std::string& body) = 0;
   // Target: false once transfer `slot` has failed (deadline, abort, cancel): a transport that
   // can still discard a unit's bytes before they land does so.
   virtual bool accepts(uint64_t peer, uint64_t slot) = 0;

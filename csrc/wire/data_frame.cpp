@@ -79,7 +79,7 @@ DataHeader decode_data_header(const uint8_t in[kDataHeaderSize]) {
   }
   DataHeader h;
   uint8_t t = in[6];
-  if (t < 1 || t > 5) fail(ErrorCode::kProtocol, "data frame of unknown type " + std::to_string(t));
+  if (t < 1 || t > 6) fail(ErrorCode::kProtocol, "data frame of unknown type " + std::to_string(t));
   h.type = static_cast<DataType>(t);
   h.flags = in[7];
   if (h.flags & ~kFlagPayloadCrc) {

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "wire/version.h"
+
 namespace kvt::wire {
 
 enum class DataType : uint8_t {
@@ -15,6 +17,8 @@ enum class DataType : uint8_t {
   kReadReq = 3,   // initiator -> target: descs are target offsets to read, no payload
   kReadResp = 4,  // target -> initiator: payload only, for (slot, frame)
   kReadErr = 5,   // target -> initiator: payload is a UTF-8 reason
+  kBegin = 6,     // initiator -> target: payload is a BEGIN body (crc flag required); sent in
+                  // the same sendmsg as the one frame of a small write
 };
 
 // Header flag bits.
@@ -40,6 +44,7 @@ constexpr size_t kDataHeaderSize = 48;
 constexpr size_t kDataDescSize = 16;
 constexpr uint32_t kMaxDescsPerFrame = 1000;        // below IOV_MAX with header iovecs
 constexpr uint64_t kMaxReadErrBytes = 4096;
+constexpr uint64_t kMaxBeginBytes = kMaxNotify + 64;  // a BEGIN: fixed fields + notify payload
 
 // Serializes a header whose crc covers the header and `descs`.
 void encode_data_header(const DataHeader& h, const DataDesc* descs, uint8_t out[kDataHeaderSize]);

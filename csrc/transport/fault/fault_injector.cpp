@@ -77,6 +77,7 @@ class FaultLink : public DataLink {
     }
     uint64_t slot = p->slot;
     posted_ += p->bytes;
+    p->inner->begin = std::move(p->begin);
     inner_->post(std::move(p->inner));
     if (limit > 0 && posted_ >= limit && !dropped_.exchange(true)) {
       // Cut the connections under the transfer in flight, as a failing NIC or cable would.

@@ -36,7 +36,13 @@ class FaultInjector : public Transport, public TransportSink {
   void wrap(std::unique_ptr<Transport> inner) { inner_ = std::move(inner); }
 
   // Transport
-  TransportCaps caps() const override { return inner_->caps(); }
+  TransportCaps caps() const override {
+    TransportCaps c = inner_->caps();
+    // A delayed op stands for an initiator that stalled after starting the transfer: its BEGIN
+    // goes ahead on the control channel so the target knows of it, as it would have.
+    if (spec_.delay_ms > 0) c.carries_begin = false;
+    return c;
+  }
   std::string address() const override { return inner_->address(); }
   std::string register_region(const Region& r) override { return inner_->register_region(r); }
   void deregister_region(const Region& r) override { inner_->deregister_region(r); }
@@ -48,6 +54,7 @@ class FaultInjector : public Transport, public TransportSink {
 
   // TransportSink
   void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) override;
+  void on_begin(uint64_t peer, const std::string& body) override { upstream_.on_begin(peer, body); }
   void on_refused(uint64_t peer, uint64_t slot, const Error& e) override { upstream_.on_refused(peer, slot, e); }
   bool accepts(uint64_t peer, uint64_t slot) override { return upstream_.accepts(peer, slot); }
   void on_read_landed(uint64_t slot, uint32_t units) override { upstream_.on_read_landed(slot, units); }

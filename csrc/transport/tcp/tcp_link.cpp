@@ -79,6 +79,7 @@ void TcpLink::post(std::unique_ptr<PreparedOp> op) {
     }
     return;
   }
+  if (!op->begin.empty()) frames.front().begin = std::move(op->begin);
   // Each frame goes to the connection with the fewest bytes queued, so a large transfer is
   // striped over all of them while a small one stays on one.
   for (auto& f : frames) {
@@ -131,6 +132,8 @@ void TcpLink::send_loop(Conn& c) {
 bool TcpLink::send_frame(Conn& c, Frame f) {
   uint8_t header[wire::kDataHeaderSize];
   uint8_t crc_le[4];
+  uint8_t begin_header[wire::kDataHeaderSize];
+  uint8_t begin_crc_le[4];
   const uint64_t bytes = frame_bytes(f);
   bool ok = true;
   try {
@@ -138,6 +141,18 @@ bool TcpLink::send_frame(Conn& c, Frame f) {
     c.descs.resize(f.remote.size() * wire::kDataDescSize);
     wire::encode_descs(f.remote.data(), f.header.nseg, c.descs.data());
     c.iov.clear();
+    if (!f.begin.empty()) {
+      wire::DataHeader bh;
+      bh.type = wire::DataType::kBegin;
+      bh.flags = wire::kFlagPayloadCrc;
+      bh.slot = f.header.slot;
+      bh.payload = f.begin.size();
+      wire::encode_data_header(bh, nullptr, begin_header);
+      wire::put_u32_le(begin_crc_le, wire::crc32c(f.begin.data(), f.begin.size()));
+      c.iov.push_back(iovec{begin_header, sizeof begin_header});
+      c.iov.push_back(iovec{f.begin.data(), f.begin.size()});
+      c.iov.push_back(iovec{begin_crc_le, 4});
+    }
     c.iov.push_back(iovec{header, sizeof header});
     c.iov.push_back(iovec{c.descs.data(), c.descs.size()});
     if (f.header.type == wire::DataType::kWrite) {

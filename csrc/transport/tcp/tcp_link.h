@@ -23,6 +23,7 @@ struct Frame {
   std::vector<wire::DataDesc> remote;  // offsets in the target region
   std::vector<struct iovec> local;     // write: source bytes; read: where the reply lands
   std::shared_ptr<const Region> hold;  // keeps local memory registered until the frame is done
+  std::string begin;                   // a BEGIN body sent ahead of it as a kBegin frame
 };
 
 class TcpLink : public DataLink {

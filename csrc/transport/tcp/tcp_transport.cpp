@@ -37,6 +37,7 @@ TransportCaps TcpTransport::caps() const {
   c.rdma_read = true;
   c.ordered = false;  // frames are striped over several connections
   c.software_key_check = true;
+  c.carries_begin = true;
   return c;
 }
 
@@ -142,7 +143,21 @@ void TcpTransport::serve_frames(Inbound& conn) {
     wire::decode_descs(raw.data(), h.nseg, descs.data());
     wire::verify_data_crc(header, descs.data(), h.nseg);
 
-    if (h.type == wire::DataType::kWrite) {
+    if (h.type == wire::DataType::kBegin) {
+      if (h.nseg != 0 || !(h.flags & wire::kFlagPayloadCrc) || h.payload > wire::kMaxBeginBytes) {
+        fail(ErrorCode::kProtocol, "begin frame of " + std::to_string(h.payload) +
+                                       " bytes, with segments or without its crc32c");
+      }
+      std::string body(h.payload, '\0');
+      conn.sock.recv_all(body.data(), body.size(), what);
+      uint8_t crc_le[4];
+      conn.sock.recv_all(crc_le, 4, what);
+      if (wire::get_u32_le(crc_le) != wire::crc32c(body.data(), body.size())) {
+        fail(ErrorCode::kProtocol, "begin frame of transfer " + std::to_string(h.slot) +
+                                       " fails its crc32c: corrupted in flight");
+      }
+      ctx_.sink.on_begin(conn.peer, body);
+    } else if (h.type == wire::DataType::kWrite) {
       if (!ctx_.sink.accepts(conn.peer, h.slot)) {  // failed or cancelled: never land late bytes
         discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
         continue;
