@@ -11,6 +11,7 @@ the namespaces is reachable from them.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import subprocess
@@ -82,6 +83,14 @@ def two_hosts(tag: str | None = None, subnet: str = DEFAULT_SUBNET) -> Iterator[
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         # A pair made before a namespace failed to take it would be left in the host's.
         subprocess.run(["ip", "link", "del", hosts.decode_dev], capture_output=True)
+
+
+def link_bytes(ns: str, dev: str) -> dict[str, int]:
+    """{"rx": bytes, "tx": bytes} interface ``dev`` of namespace ``ns`` has counted so far."""
+    proc = subprocess.run(["ip", "-j", "-s", "-n", ns, "link", "show", "dev", dev],
+                          capture_output=True, text=True, check=True)
+    stats = json.loads(proc.stdout)[0]["stats64"]
+    return {"rx": int(stats["rx"]["bytes"]), "tx": int(stats["tx"]["bytes"])}
 
 
 def enter(ns: str) -> None:
