@@ -99,7 +99,9 @@ def _workloads(args: argparse.Namespace) -> list[tuple[Workload, str]]:
                 if mode == "whole":
                     out.append((dataclasses.replace(w, op=op), note))
                     continue
-                n = min(layers, w.blocks)  # a one-block request is one layer
+                if w.blocks == 1 and "whole" in args.mode:
+                    continue  # one block is one layer: the whole run already measured it
+                n = min(layers, w.blocks)
                 if w.blocks % n:
                     raise ValueError(f"{w.label}: {w.blocks} blocks cannot be split into {n} "
                                      "equal layers; pick --layers dividing the block count")
