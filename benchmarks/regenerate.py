@@ -1,6 +1,8 @@
 """Regenerates BENCHMARKS.md in one command (`make bench`): transfers of kvtransfer and its
-peers side by side with the machine's limits, a block-size sweep with charts, model-shaped
-workloads, the pytest-benchmark micro suite, and (where installed) vLLM time-to-first-token.
+peers side by side with the machine's limits, a block-size sweep with charts, push vs pull and
+whole vs layer-streamed, the same across two network namespaces (when run as root),
+model-shaped workloads, the pytest-benchmark micro suite, and (where installed) vLLM
+time-to-first-token.
 
     python benchmarks/regenerate.py [--quick] [--skip-peers] [--skip-vllm]
 """
@@ -45,6 +47,9 @@ def transfer_table(recs: list[dict]) -> str:
             elif r["blocks"] == 1:
                 p50, p99 = r["latency_s_p50"] * 1e6, r["latency_s_p99"] * 1e6
                 vals.append(f"{p50:.0f} µs (p99 {p99:.0f})")
+            elif r.get("mode") == "streamed":
+                tail = r["last_post_to_done_s_p50"] * 1e6
+                vals.append(f"{r['gbps_p50']:.2f} GB/s, last layer → done {tail:.0f} µs")
             else:
                 vals.append(f"{r['gbps_p50']:.2f} GB/s")
         out.append(f"| {w} | " + " | ".join(vals) + " |")
@@ -113,6 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     sweep_cmd = [*bench, "--sweep", "--patterns", "random", "--transport", "tcp", *peers,
                  "--limits", "--json", str(OUT / "sweep.jsonl"), "--plot", "docs/bench"]
     run(sweep_cmd)
+    modes_cmd = [*bench, *peers, "--workloads", "4MiBx64,64KiBx4096,latency", "--op",
+                 "write,read", "--mode", "whole,streamed", "--layers", "32", "--transport", "tcp",
+                 "--json", str(OUT / "modes.jsonl"), "--plot", "docs/bench/modes"]
+    run(modes_cmd)
+    sys.path.insert(0, str(ROOT))  # the children run from ROOT; this process from benchmarks/
+    from kvtransfer.testing.netns import unavailable_reason
+
+    netns_skipped = unavailable_reason()
+    netns_cmd = [*bench, *peers, "--netns", "--workloads", "4MiBx64,64KiBx4096,latency", "--op",
+                 "write,read", "--transport", "tcp", "--json", str(OUT / "netns.jsonl")]
+    if not netns_skipped:
+        run(netns_cmd)
     model_cmd = [*bench, "--model", "llama-3.1-8b", "--prompt-tokens", "1024,8192,131072",
                  "--json", str(OUT / "models.jsonl")]
     run(model_cmd)
@@ -167,6 +184,28 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "![bandwidth vs block size](docs/bench/bandwidth_vs_block_size.png)",
         "![latency CDF](docs/bench/latency_cdf.png)",
+        "",
+        "## Push vs pull, whole vs layer-streamed",
+        "",
+        f"`{' '.join(['kvtransfer bench', *modes_cmd[3:]])}`",
+        "",
+        "write: prefill pushes, timed until decode is notified; read: decode pulls (as vLLM's "
+        "NIXL connector does), timed until its reads complete. streamed: one batch per layer "
+        "(32, back to back), each with its own notification; \"last layer → done\" is what the "
+        "transfer adds after prefill posts its last layer. Verified on the decode side.",
+        "",
+        transfer_table(records(OUT / "modes.jsonl")),
+        "",
+        "![streamed: last layer to done](docs/bench/modes/streamed_last_layer_to_done.png)",
+        "",
+        "## Two network namespaces joined by a veth pair",
+        "",
+        f"`{' '.join(['kvtransfer bench', *netns_cmd[3:]])}`",
+        "",
+        (f"(not run: {netns_skipped})" if netns_skipped else
+         "Prefill and decode in namespaces made by the bench; only the network is separated "
+         "(same-host paths such as CMA still work, see each record's veth byte count).\n\n"
+         + transfer_table(records(OUT / "netns.jsonl"))),
         "",
         "## Model-shaped requests (one segment per layer, K/V and block of 16 tokens)",
         "",

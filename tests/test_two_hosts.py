@@ -7,45 +7,28 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
+from kvtransfer.testing.netns import NetnsUnavailable, two_hosts
+
 pytestmark = pytest.mark.netns
-
-SUBNET = "10.254.77"  # addresses of this test's own namespaces only
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
 def hosts():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("two-host tests need root and iproute2 to make network namespaces")
-    tag = f"{os.getpid() % 100000}"
-    a, b, va, vb = f"kvt-a{tag}", f"kvt-b{tag}", f"kvta{tag}", f"kvtb{tag}"
     try:
-        _ip("netns", "add", a)
-        _ip("netns", "add", b)
-    except subprocess.CalledProcessError as e:
-        pytest.skip(f"cannot create network namespaces here: {e.stderr.decode().strip()}")
-    try:
-        _ip("link", "add", va, "type", "veth", "peer", "name", vb)
-        _ip("link", "set", va, "netns", a)
-        _ip("link", "set", vb, "netns", b)
-        for ns, dev, host in ((a, va, 1), (b, vb, 2)):
-            _ip("-n", ns, "addr", "add", f"{SUBNET}.{host}/24", "dev", dev)
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        yield {"decode_ns": a, "prefill_ns": b, "decode_dev": va, "decode_ip": f"{SUBNET}.1"}
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        with two_hosts() as h:
+            yield h
+    except NetnsUnavailable as e:
+        pytest.skip(f"two-host tests need network namespaces: {e}")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 class Peer:
@@ -77,10 +60,10 @@ class Peer:
 
 @pytest.fixture
 def pair(hosts):
-    target = Peer(hosts["decode_ns"], "target", "--listen", f"{hosts['decode_ip']}:0",
+    target = Peer(hosts.decode_ns, "target", "--listen", f"{hosts.decode_ip}:0",
                   "--nbytes", str(256 << 20), "--timeout", "2")
     hello = target.recv(60)
-    initiator = Peer(hosts["prefill_ns"], "initiator", "--connect", hello["info"],
+    initiator = Peer(hosts.prefill_ns, "initiator", "--connect", hello["info"],
                      "--timeout", "2")
     assert initiator.recv(60) == {"connected": True}
     yield target, initiator, hello["region"]
@@ -105,7 +88,7 @@ def test_a_transfer_crosses_the_veth_verified(pair):
 
 def test_link_down_mid_transfer_fails_both_sides_then_recovers(pair, hosts):
     target, initiator, region = pair
-    ns, dev = hosts["decode_ns"], hosts["decode_dev"]
+    ns, dev = hosts.decode_ns, hosts.decode_dev
     _write(initiator, target, region, "cut", 2, 256)
     assert initiator.recv() == {"writing": True}
     time.sleep(0.01)  # bytes are on the wire now

@@ -1,51 +1,112 @@
-"""kvtransfer bench — prefill and decode as two processes, every byte verified on the decode
-side, kvtransfer and its peers (NIXL, Mooncake) side by side in one run, with the machine's
-physical limits (iperf3, memcpy) measured in the same run.
+"""kvtransfer bench — prefill and decode as two processes (on loopback, or in two network
+namespaces joined by a veth pair), every byte verified on the decode side, kvtransfer and its
+peers (NIXL, Mooncake) side by side in one run, with the machine's physical limits (iperf3,
+memcpy) measured in the same run.
 
     kvtransfer bench                                   # the standard workloads, kvtransfer tcp
     kvtransfer bench --peers nixl,mooncake --limits    # ... and the peers and limits
     kvtransfer bench --sweep --plot plots/             # block size 4 KiB -> 4 MiB, PNG charts
     kvtransfer bench --model llama-3.1-8b --prompt-tokens 1024,8192,131072
     kvtransfer bench --transport tcp,fabric:shm --workloads 64KiBx4096 --json out.jsonl
+    kvtransfer bench --op write,read --peers nixl      # push vs pull (decode reads, as vLLM)
+    kvtransfer bench --stream --layers 32 --layer-delay-us 200   # layer by layer
+    kvtransfer bench --netns                           # across a veth between two namespaces
+
+Dimensions (every combination given is run):
+  --op write    prefill writes into decode; timed from the post until decode is notified.
+  --op read     decode reads from prefill (vLLM's NIXL connector pulls this way); timed from
+                the post until the read completes on the decode side.
+  --mode whole  one batch per request.
+  --mode streamed (or --stream)  one batch per layer, each with its own notification (decode
+                waits for all), the same block table in every layer. Layers are posted back to
+                back, or --layer-delay-us apart to stand in for each layer's compute. Reported
+                besides GB/s (over the whole window, pauses included): "last->done", from the
+                last layer's post until decode has every byte, the part that adds to TTFT.
+                Mooncake's batch_transfer_sync blocks per batch, so its layers go one at a time.
+  --netns       prefill and decode in two network namespaces made (and removed) by the bench,
+                joined by a veth pair (needs root and iproute2). This separates the network
+                only: same-host paths (CMA, shared memory) still work between them.
+A peer that cannot run a combination shows "n/a (why)". Any transport this build registers
+(kvtransfer.transports.available()) is accepted by --transport; fabric takes :provider.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import platform
+import re
 import sys
 import time
 from typing import Any
 
 from . import limits
-from .harness import STANDARD_WORKLOADS, Workload
+from .harness import MODES, OPS, STANDARD_WORKLOADS, Unsupported, Workload, unsupported_record
 from .models import MODELS, model_workload
 
 SWEEP_BLOCKS = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
 SWEEP_TOTAL = 256 << 20
+DEFAULT_LAYERS = 32
 PEERS = {  # --peers name -> (module, variants)
     "nixl": ("kvtransfer.bench.peers.nixl", ["nixl-ucx-tcp", "nixl-ucx-default"]),
     "mooncake": ("kvtransfer.bench.peers.mooncake", ["mooncake-tcp"]),
 }
+_SIZE = re.compile(r"^(\d+)(B|KiB|MiB|GiB)x(\d+)(?:-(random|sequential))?$")
+_UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 
 
-def _workloads(args: argparse.Namespace) -> list[tuple[Workload, str]]:
-    out: list[tuple[Workload, str]] = []
+def parse_workload(name: str, reps: int) -> Workload:
+    """A standard workload by name, or "<size>x<blocks>[-random|-sequential]" (64KiBx4096)."""
+    if name in STANDARD_WORKLOADS:
+        w = STANDARD_WORKLOADS[name]
+        return w if name == "latency" else dataclasses.replace(w, reps=reps)
+    m = _SIZE.match(name)
+    if not m:
+        raise ValueError(f"unknown workload {name!r}: use one of {', '.join(STANDARD_WORKLOADS)} "
+                         "or <size>x<blocks>[-random|-sequential], e.g. 64KiBx4096")
+    size, unit, blocks, pattern = m.groups()
+    return Workload(int(size) * _UNITS[unit], int(blocks), pattern or "random", reps=reps,
+                    name=name if pattern else f"{name}-random")
+
+
+def _base_workloads(args: argparse.Namespace) -> list[tuple[Workload, str, int]]:
+    """(workload, scaling note, layers it streams in) before op and mode are applied."""
+    out: list[tuple[Workload, str, int]] = []
     if args.sweep:
         for bs in SWEEP_BLOCKS:
             for pattern in args.patterns:
-                out.append((Workload(bs, SWEEP_TOTAL // bs, pattern, reps=args.reps), ""))
+                out.append((Workload(bs, SWEEP_TOTAL // bs, pattern, reps=args.reps), "",
+                            args.layers))
     if args.model:
         for tokens in args.prompt_tokens:
-            out.append(model_workload(args.model, tokens, reps=args.reps))
+            w, note = model_workload(args.model, tokens, reps=args.reps)
+            out.append((w, note, MODELS[args.model].layers))
     if not out:
-        for name in args.workloads:
-            w = STANDARD_WORKLOADS[name]
-            out.append((w if name == "latency" else dataclasses.replace(w, reps=args.reps), ""))
+        out = [(parse_workload(name, args.reps), "", args.layers) for name in args.workloads]
+    return out
+
+
+def _workloads(args: argparse.Namespace) -> list[tuple[Workload, str]]:
+    """Every (workload, note) to run: each base workload in each op and mode asked for."""
+    out = []
+    for w, note, layers in _base_workloads(args):
+        for op in args.op:
+            for mode in args.mode:
+                if mode == "whole":
+                    out.append((dataclasses.replace(w, op=op), note))
+                    continue
+                if w.blocks == 1 and "whole" in args.mode:
+                    continue  # one block is one layer: the whole run already measured it
+                n = min(layers, w.blocks)
+                if w.blocks % n:
+                    raise ValueError(f"{w.label}: {w.blocks} blocks cannot be split into {n} "
+                                     "equal layers; pick --layers dividing the block count")
+                out.append((dataclasses.replace(w, op=op, mode="streamed", layers=n,
+                                                layer_delay_s=args.layer_delay_us * 1e-6), note))
     return out
 
 
@@ -63,67 +124,142 @@ def _systems(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
+def check_transports(names: list[str]) -> str | None:
+    """Why one of ``names`` ("tcp", "fabric:shm", ...) cannot be used here, or None."""
+    from kvtransfer.transports import available
+
+    built = available()
+    for t in names:
+        name, _, provider = t.partition(":")
+        if name != "auto" and name not in built:
+            return (f"transport {name!r} is not registered in this build "
+                    f"(registered: {', '.join(built)}; also 'auto')")
+        if provider and name != "fabric":
+            return f"{t!r}: only the fabric transport takes a provider (fabric:<provider>)"
+    return None
+
+
 def machine() -> dict[str, Any]:
     return {"host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "loadavg": os.getloadavg(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def _run_one(module: str, workload: Workload, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _dims(workload: Workload, network: str) -> dict[str, Any]:
+    return {"op": workload.op, "mode": workload.mode, "layers": workload.layers,
+            "layer_delay_s": workload.layer_delay_s, "network": network,
+            "netns": network != "loopback"}
+
+
+def _run_one(module: str, workload: Workload, kwargs: dict[str, Any], hosts: Any
+             ) -> dict[str, Any]:
+    network = "loopback" if hosts is None else "veth between network namespaces"
+    system = kwargs["variant"]
     try:
         mod = importlib.import_module(module)
-        return mod.run(workload, **kwargs)
+        if hosts is None:
+            return mod.run(workload, **kwargs)
+        return _counting_veth(hosts, lambda: mod.run(workload, hosts=hosts, **kwargs))
+    except Unsupported as e:
+        return {**unsupported_record(system, workload, str(e), network), **_dims(workload,
+                                                                                  network)}
     except ImportError as e:
-        return {"system": kwargs["variant"], "workload": workload.label, "verified": False,
-                "error": f"not installed here ({e})"}
+        return {"system": system, "workload": workload.label, **_dims(workload, network),
+                "verified": False, "error": f"not installed here ({e})"}
     except Exception as e:  # noqa: BLE001 - one failed system must not stop the run
-        return {"system": kwargs["variant"], "workload": workload.label, "verified": False,
-                "error": f"{type(e).__name__}: {e}"[:500]}
+        return {"system": system, "workload": workload.label, **_dims(workload, network),
+                "verified": False, "error": f"{type(e).__name__}: {e}"[:500]}
+
+
+def _counting_veth(hosts: Any, run: Any) -> dict[str, Any]:
+    """``run()``'s record plus the bytes the decode side's veth end received meanwhile (all
+    reps, warm-up and set-up included): proof the traffic crossed the veth."""
+    from kvtransfer.testing.netns import link_bytes
+
+    before = link_bytes(hosts.decode_ns, hosts.decode_dev)
+    rec = run()
+    after = link_bytes(hosts.decode_ns, hosts.decode_dev)
+    rec["veth_decode_rx_bytes"] = after["rx"] - before["rx"]
+    rec["veth_decode_tx_bytes"] = after["tx"] - before["tx"]
+    return rec
+
+
+def _time(seconds: float, width: int) -> str:
+    return (f"{seconds * 1e6:{width}.0f} us" if seconds < 0.01
+            else f"{seconds * 1e3:{width}.1f} ms")
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    """One block per workload: each system's verified figures and its ratio to kvtransfer."""
+    """One block per workload (op and mode are part of its name): each system's verified
+    figures and kvtransfer's ratio to it."""
     lines = []
+    networks = sorted({r["network"] for r in records if r.get("network")})
+    if networks:
+        lines.append("network: " + "; ".join(networks))
     by_workload: dict[str, list[dict[str, Any]]] = {}
     for r in records:
         by_workload.setdefault(r.get("workload", "limits"), []).append(r)
     for workload, recs in by_workload.items():
         ours = next((r for r in recs if r["system"].startswith("kvtransfer") and "gbps_p50" in r),
                     None)
-        lines.append(f"\n{workload}")
-        lines.append(f"  {'system':<24} {'GB/s p50':>9} {'vs ours':>8} {'notified p50':>13} "
-                     f"{'p99':>10} {'CPU s/GB init':>14} {'target':>7}")
+        first = recs[0]
+        done = "notified" if first.get("op", "write") == "write" else "read done"
+        layers = first.get("layers", 1)
+        dims = [first.get("op", "write"), first.get("mode", "whole")]
+        dims += [f"{layers} layers"] if layers > 1 else []
+        if first.get("layer_delay_s"):
+            dims.append(f"{first['layer_delay_s'] * 1e6:g} us between layers")
+        lines.append(f"\n{workload}  [{', '.join(dims)}]")
+        lines.append(f"  {'system':<24} {'GB/s p50':>9} {'vs ours':>8} {done + ' p50':>14} "
+                     f"{'p99':>10} {'last->done p50':>15} {'CPU s/GB init':>14} {'target':>7}")
         for r in recs:
+            if "unsupported" in r:
+                lines.append(f"  {r['system']:<24} {'n/a':>9}  ({r['unsupported'][:90]})")
+                continue
             if "error" in r:
                 lines.append(f"  {r['system']:<24} {'-':>9}  {r['error'][:80]}")
                 continue
             ratio = (f"{ours['gbps_p50'] / r['gbps_p50']:.2f}x" if ours and r is not ours
                      else "")
-            lat = (f"{r['latency_s_p50'] * 1e6:9.0f} us" if r['latency_s_p50'] < 0.01
-                   else f"{r['latency_s_p50'] * 1e3:9.1f} ms")
-            p99 = (f"{r['latency_s_p99'] * 1e6:7.0f} us" if r['latency_s_p99'] < 0.01
-                   else f"{r['latency_s_p99'] * 1e3:7.1f} ms")
-            lines.append(f"  {r['system']:<24} {r['gbps_p50']:9.2f} {ratio:>8} {lat:>13} "
-                         f"{p99:>10} {r['cpu_s_per_gb_initiator']:14.2f} "
+            tail = (_time(r["last_post_to_done_s_p50"], 10) if r.get("mode") == "streamed"
+                    else "")
+            lines.append(f"  {r['system']:<24} {r['gbps_p50']:9.2f} {ratio:>8} "
+                         f"{_time(r['latency_s_p50'], 11):>14} {_time(r['latency_s_p99'], 7):>10} "
+                         f"{tail:>15} {r['cpu_s_per_gb_initiator']:14.2f} "
                          f"{r['cpu_s_per_gb_target']:7.2f}")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kvtransfer bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ap.add_argument("--workloads", type=csv, default=["4MiBx64", "64KiBx4096", "4KiBx16384",
                                                       "latency"],
-                    help=f"comma list of {', '.join(STANDARD_WORKLOADS)}")
+                    help=f"comma list of {', '.join(STANDARD_WORKLOADS)}, or "
+                         "<size>x<blocks>[-random|-sequential] such as 16KiBx512")
     ap.add_argument("--sweep", action="store_true", help="block size 4 KiB -> 4 MiB, 256 MiB")
     ap.add_argument("--patterns", type=csv, default=["random", "sequential"],
                     help="block tables for --sweep")
     ap.add_argument("--model", choices=sorted(MODELS), help="model-shaped workload")
     ap.add_argument("--prompt-tokens", type=lambda s: [int(x) for x in csv(s)],
                     default=[1024, 8192, 32768, 131072])
+    ap.add_argument("--op", type=csv, default=["write"],
+                    help="comma list of write (prefill pushes) and read (decode pulls)")
+    ap.add_argument("--mode", type=csv, default=["whole"],
+                    help="comma list of whole (one batch) and streamed (one batch per layer)")
+    ap.add_argument("--stream", action="store_true", help="same as --mode streamed")
+    ap.add_argument("--layers", type=int, default=DEFAULT_LAYERS,
+                    help="streamed: layers per request (a --model uses its own layer count)")
+    ap.add_argument("--layer-delay-us", type=float, default=0.0,
+                    help="streamed: pause before each layer after the first, standing in for "
+                         "the layer's compute (default 0: back to back)")
+    ap.add_argument("--netns", action="store_true",
+                    help="prefill and decode in two network namespaces joined by a veth pair "
+                         "(made and removed here; needs root and iproute2)")
     ap.add_argument("--transport", type=csv, default=["tcp"],
-                    help="kvtransfer transports: tcp, fabric:shm, fabric:tcp, ...")
+                    help="kvtransfer transports, any this build registers: tcp, fabric:shm, "
+                         "fabric:tcp, ... (see kvtransfer doctor)")
     ap.add_argument("--connections", type=int, default=2, help="TCP connections per peer")
     ap.add_argument("--peers", type=csv, default=[], help=f"comma list of {', '.join(PEERS)}")
     ap.add_argument("--limits", action="store_true", help="also measure iperf3 and memcpy")
@@ -131,15 +267,76 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="append one JSON record per result")
     ap.add_argument("--plot", metavar="DIR", help="write PNG charts there (matplotlib)")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _check_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.stream:
+        args.mode = ["streamed"]
     for p in args.peers:
         if p not in PEERS:
             ap.error(f"unknown peer {p!r} (known: {', '.join(PEERS)})")
+    for values, known, flag in ((args.op, OPS, "--op"), (args.mode, MODES, "--mode")):
+        bad = [v for v in values if v not in known]
+        if bad or not values:
+            ap.error(f"{flag}: {', '.join(bad) or 'nothing'} given; choose from "
+                     f"{', '.join(known)}")
+    if args.layers <= 0 or args.layer_delay_us < 0:
+        ap.error("--layers must be > 0 and --layer-delay-us >= 0")
+    why = check_transports(args.transport)
+    if why:
+        ap.error(f"--transport: {why}")
+    if args.netns:
+        from kvtransfer.testing.netns import unavailable_reason
 
-    runs = [(w, note, label, module, kw) for w, note in _workloads(args)
-            for label, module, kw in _systems(args)]
+        why = unavailable_reason()
+        if why:
+            ap.error(f"--netns: {why}; run without --netns for loopback")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    _check_args(ap, args)
+    try:
+        workloads = _workloads(args)
+    except ValueError as e:
+        ap.error(str(e))
+    with contextlib.ExitStack() as stack:
+        hosts = None
+        if args.netns:
+            from kvtransfer.testing.netns import NetnsUnavailable, two_hosts
+
+            try:
+                hosts = stack.enter_context(two_hosts())
+            except NetnsUnavailable as e:
+                ap.error(f"--netns: {e}")
+        records = _run_all(args, workloads, hosts)
     header = {"argv": [sys.argv[0], *(argv if argv is not None else sys.argv[1:])],
               "machine": machine()}
+    print(format_table([r for r in records if r.get("workload") != "limits"]))
+    for r in records:
+        if r.get("workload") == "limits":
+            text = f"{r['gbps_p50']:.2f} GB/s" if "gbps_p50" in r else r.get("error")
+            print(f"limit: {r['system']:<20} {text}")
+    for note in dict.fromkeys(f"{r['workload']}: {r['scaled']}" for r in records
+                              if r.get("scaled")):
+        print(f"note: {note}")
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in records:
+                f.write(json.dumps({**header, **r}) + "\n")
+    if args.plot:
+        from .plots import write_plots
+        for path in write_plots(records, args.plot):
+            print(f"wrote {path}")
+    return 1 if any("error" in r and r.get("workload") != "limits" for r in records) else 0
+
+
+def _run_all(args: argparse.Namespace, workloads: list[tuple[Workload, str]],
+             hosts: Any) -> list[dict[str, Any]]:
+    runs = [(w, note, label, module, kw) for w, note in workloads
+            for label, module, kw in _systems(args)]
     records: list[dict[str, Any]] = []
     try:
         from tqdm import tqdm
@@ -147,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                    disable=args.no_progress, file=sys.stderr)
     except ImportError:
         bar = None
-    if args.limits:
+    if args.limits:  # on the host's loopback, also with --netns: the ceilings of this machine
         for fn, kw in ((limits.iperf3_gbps, {"streams": 1}), (limits.iperf3_gbps, {"streams": 2}),
                        (limits.memcpy_gbps, {})):
             if bar:
@@ -158,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     for w, note, label, module, kw in runs:
         if bar:
             bar.set_description(f"{label} {w.label}")
-        rec = _run_one(module, w, kw)
+        rec = _run_one(module, w, kw, hosts)
         if note:
             rec["scaled"] = note
         records.append(rec)
@@ -166,20 +363,4 @@ def main(argv: list[str] | None = None) -> int:
             bar.update()
     if bar:
         bar.close()
-    print(format_table([r for r in records if r.get("workload") != "limits"]))
-    for r in records:
-        if r.get("workload") == "limits":
-            text = f"{r['gbps_p50']:.2f} GB/s" if "gbps_p50" in r else r.get("error")
-            print(f"limit: {r['system']:<20} {text}")
-    for r in records:
-        if r.get("scaled"):
-            print(f"note: {r['workload']}: {r['scaled']}")
-    if args.json:
-        with open(args.json, "a") as f:
-            for r in records:
-                f.write(json.dumps({**header, **r}) + "\n")
-    if args.plot:
-        from .plots import write_plots
-        for path in write_plots(records, args.plot):
-            print(f"wrote {path}")
-    return 1 if any("error" in r and r.get("workload") != "limits" for r in records) else 0
+    return records

@@ -4,7 +4,15 @@
 - the block mapping (source block i -> destination block ``perm[i]``), block addresses;
 - payloads that differ per block and per rep, poisoning and byte-for-byte verification;
 - clocks comparable across processes (CLOCK_MONOTONIC) and process CPU time;
-- a two-process harness (a TARGET and an INITIATOR, spawned, on loopback) and the JSON record.
+- a two-process harness (a TARGET and an INITIATOR, spawned, on loopback or in two network
+  namespaces) and the JSON record.
+
+Dimensions of a run: ``op`` "write" (prefill pushes into decode; timed until decode is notified)
+or "read" (decode pulls from prefill, as vLLM's NIXL connector does; timed until the read
+completes on the decode side), and ``mode`` "whole" (one batch per request) or "streamed" (one
+batch per layer, each with its own notification, posted back to back or ``layer_delay_s``
+apart to stand in for the layer's compute). The destination is verified on the decode side
+after every rep in every combination.
 
 No transfer library is imported here, so kvtransfer's own bench can reuse all of it. A peer module
 plugs into ``run_pair`` by exposing ``make_target``, ``make_initiator`` and ``versions`` (see
@@ -33,6 +41,8 @@ from typing import Any
 import numpy as np
 
 GB = 1e9
+OPS = ("write", "read")
+MODES = ("whole", "streamed")
 POLL_SLEEP_S = 100e-6  # pause between completion polls when not busy-polling
 SETUP_TIMEOUT_S = 120.0  # start-up of a child: import, allocation, registration, handshake
 SHUTDOWN_TIMEOUT_S = 15.0
@@ -62,12 +72,27 @@ class Workload:
     seed: int = 1234  # of the permutation; payloads are seeded by (seed, rep)
     busy_poll: bool = False  # spin on completion instead of sleeping POLL_SLEEP_S
     name: str = ""
+    op: str = "write"  # "write": prefill pushes; "read": decode pulls
+    mode: str = "whole"  # "whole": one batch; "streamed": one batch per layer
+    layers: int = 1  # streamed: batches; the same block table in every layer, as a paged cache
+    layer_delay_s: float = 0.0  # streamed: pause before each layer after the first (compute)
 
     def __post_init__(self) -> None:
         if self.pattern not in ("random", "sequential"):
             raise ValueError(f"pattern must be 'random' or 'sequential', not {self.pattern!r}")
         if self.block_bytes <= 0 or self.blocks <= 0 or self.reps <= 0 or self.warmup < 0:
             raise ValueError("block_bytes, blocks and reps must be > 0, warmup >= 0")
+        if self.op not in OPS:
+            raise ValueError(f"op must be one of {', '.join(OPS)}, not {self.op!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.layers <= 0 or self.blocks % self.layers:
+            raise ValueError(f"{self.blocks} blocks cannot be split into {self.layers} layers "
+                             "of equal size (give a layer count that divides the block count)")
+        if self.mode == "whole" and self.layers != 1:
+            raise ValueError("layers > 1 needs mode='streamed'")
+        if self.layer_delay_s < 0:
+            raise ValueError("layer_delay_s must be >= 0")
 
     @property
     def total_bytes(self) -> int:
@@ -75,7 +100,19 @@ class Workload:
 
     @property
     def label(self) -> str:
-        return self.name or f"{self.blocks}x{self.block_bytes}B-{self.pattern}"
+        """The workload's name, plus op and mode where they are not the default write/whole."""
+        base = self.name or f"{self.blocks}x{self.block_bytes}B-{self.pattern}"
+        if self.op != "write":
+            base += f" {self.op}"
+        if self.mode == "streamed":
+            delay = f" +{self.layer_delay_s * 1e6:g}us" if self.layer_delay_s else ""
+            base += f" streamed {self.layers}L{delay}"
+        return base
+
+    def layer_bounds(self) -> list[tuple[int, int]]:
+        """[lo, hi) source block indices of each batch: one per layer (one in whole mode)."""
+        per = self.blocks // self.layers
+        return [(i * per, (i + 1) * per) for i in range(self.layers)]
 
     def rep_timeout_s(self) -> float:
         """Bound on one rep: generous (20 MB/s floor), but never infinite."""
@@ -98,10 +135,15 @@ STANDARD_WORKLOADS: dict[str, Workload] = {
 
 
 def block_permutation(workload: Workload) -> np.ndarray:
-    """perm[i] = destination block of source block i (int64)."""
+    """perm[i] = destination block of source block i (int64). With several layers, every layer
+    gets the same block table (as in a paged cache), offset to its own part of the buffer."""
+    per = workload.blocks // workload.layers
     if workload.pattern == "sequential":
-        return np.arange(workload.blocks, dtype=np.int64)
-    return np.random.default_rng(workload.seed).permutation(workload.blocks).astype(np.int64)
+        table = np.arange(per, dtype=np.int64)
+    else:
+        table = np.random.default_rng(workload.seed).permutation(per).astype(np.int64)
+    offsets = np.arange(workload.layers, dtype=np.int64)[:, None] * per
+    return (offsets + table[None, :]).reshape(-1)
 
 
 def block_addresses(base: int, workload: Workload, order: np.ndarray | None = None) -> np.ndarray:
@@ -117,6 +159,13 @@ def buffer_address(buf: np.ndarray) -> int:
 def transfer_tag(rep: int) -> str:
     """Notification payload of rep ``rep``: one per rep, so a stale one cannot match."""
     return f"kvbench-rep-{rep}"
+
+
+def layer_tags(workload: Workload, rep: int) -> list[str]:
+    """Notification payload of each batch of rep ``rep`` (one per layer when streamed)."""
+    if workload.mode == "whole":
+        return [transfer_tag(rep)]
+    return [f"{transfer_tag(rep)}-L{i}" for i in range(workload.layers)]
 
 
 # --------------------------------------------------------------------------- payloads
@@ -183,8 +232,10 @@ def poll_until(done: Callable[[], bool], deadline: float, busy: bool, what: str)
 
 @dataclass(frozen=True)
 class RepResult:
-    latency_s: float  # initiator posts -> target has seen the notification
-    initiator_complete_s: float  # initiator posts -> initiator sees its transfer complete
+    latency_s: float  # first batch posted -> decode side has every byte (notified / read done)
+    initiator_complete_s: float  # first batch posted -> initiator sees all its batches complete
+    last_post_to_done_s: float  # last batch posted -> decode side has every byte
+    post_span_s: float  # first batch posted -> last batch posted (the pacing, streamed)
     cpu_initiator_s: float
     cpu_target_s: float
     bad_blocks: int
@@ -212,6 +263,7 @@ def summarize(
             f"(rep index: wrong block count; the first {workload.warmup} are warm-up)"
         )
     lat = [r.latency_s for r in reps]
+    tail = [r.last_post_to_done_s for r in reps]
     gb = workload.total_bytes / GB
     record: dict[str, Any] = {
         "system": system,
@@ -219,15 +271,23 @@ def summarize(
         "block_bytes": workload.block_bytes,
         "blocks": workload.blocks,
         "pattern": workload.pattern,
+        "op": workload.op,
+        "mode": workload.mode,
+        "layers": workload.layers,
+        "layer_delay_s": workload.layer_delay_s,
         "reps": len(reps),
         "gbps_p50": statistics.median(gb / t for t in lat),
         "gbps_all": [gb / t for t in lat],
         "latency_s_p50": _percentile(lat, 50),
         "latency_s_p99": _percentile(lat, 99),
+        "last_post_to_done_s_p50": _percentile(tail, 50),
+        "last_post_to_done_s_p99": _percentile(tail, 99),
+        "post_span_s_p50": _percentile([r.post_span_s for r in reps], 50),
         "initiator_complete_s_p50": _percentile([r.initiator_complete_s for r in reps], 50),
         "cpu_s_per_gb_initiator": sum(r.cpu_initiator_s for r in reps) / (gb * len(reps)),
         "cpu_s_per_gb_target": sum(r.cpu_target_s for r in reps) / (gb * len(reps)),
         "verified": True,
+        "verified_on": "decode",
         "versions": versions,
     }
     if workload.blocks == 1:
@@ -235,6 +295,16 @@ def summarize(
         record["latency_us_p99"] = record["latency_s_p99"] * 1e6
     record.update(extra or {})
     return record
+
+
+def unsupported_record(system: str, workload: Workload, why: str,
+                       network: str = "loopback") -> dict[str, Any]:
+    """The record of a system that cannot run ``workload`` (shown as "n/a (why)")."""
+    return {"system": system, "workload": workload.label, "block_bytes": workload.block_bytes,
+            "blocks": workload.blocks, "pattern": workload.pattern, "op": workload.op,
+            "mode": workload.mode, "layers": workload.layers,
+            "layer_delay_s": workload.layer_delay_s, "network": network, "verified": False,
+            "unsupported": why}
 
 
 def base_versions() -> dict[str, str]:
@@ -255,29 +325,74 @@ def dist_version(name: str) -> str:
 # --------------------------------------------------------------------------- two processes
 
 
+class Unsupported(Exception):
+    """A peer library cannot run this workload (op, mode, network): the message says why."""
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where one side runs: the address it listens on / is reached at, its network interface,
+    and its network namespace (None: this one)."""
+
+    host: str = "127.0.0.1"
+    device: str = "lo"
+    netns: str | None = None
+
+
+LOOPBACK = Place()
+
+
 @dataclass(frozen=True)
 class PeerSpec:
     """What a child needs: the peer module, the workload, env to set before importing it,
-    and peer-specific options (plain picklable values)."""
+    peer-specific options (plain picklable values), and where each side runs."""
 
     module: str
     workload: Workload
     env: dict[str, str]
     options: dict[str, Any]
+    decode: Place = LOOPBACK
+    prefill: Place = LOOPBACK
+
+    def place(self, role: str) -> Place:
+        """The target is the decode side of a write and the prefill side of a read."""
+        decode_role = "target" if self.workload.op == "write" else "initiator"
+        return self.decode if role == decode_role else self.prefill
+
+    @property
+    def network(self) -> str:
+        if self.decode.netns:
+            return (f"veth {self.prefill.host} ({self.prefill.netns}) -> {self.decode.host} "
+                    f"({self.decode.netns})")
+        return "loopback"
+
+
+def places(hosts: Any) -> dict[str, Place]:
+    """decode= and prefill= Places of kvtransfer.testing.netns.TwoHosts ``hosts`` (None:
+    both on loopback), for PeerSpec."""
+    if hosts is None:
+        return {}
+    return {"decode": Place(hosts.decode_ip, hosts.decode_dev, hosts.decode_ns),
+            "prefill": Place(hosts.prefill_ip, hosts.prefill_dev, hosts.prefill_ns)}
 
 
 def run_pair(system: str, spec: PeerSpec, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``spec.workload`` between a spawned TARGET and a spawned INITIATOR; return the record.
 
+    The initiator posts, the target's memory is the other end: for a write the target is the
+    decode side (destination buffer), for a read the prefill side (source buffer).
     ``spec.module`` must define
-      ``make_target(workload, dst, options)`` -> object with ``info()`` (picklable: how to reach
-          it), ``wait(tag, deadline, busy)`` (returns once notification ``tag`` arrived, raises
-          TimeoutError past ``deadline``) and ``close()``;
-      ``make_initiator(workload, src, info, options)`` -> object with
-          ``write(tag, deadline, busy)`` (write block i of src to block perm[i] of the target's
-          buffer as one batch carrying notification ``tag``; return once complete locally)
-          and ``close()``;
+      ``make_target(workload, buf, options)`` -> object with ``info()`` (picklable: how to reach
+          it), ``wait(tags, deadline, busy)`` (write only: returns once every notification in
+          ``tags`` arrived, raises TimeoutError past ``deadline``) and ``close()``;
+      ``make_initiator(workload, buf, info, options)`` -> object with
+          ``post(tag, lo, hi, deadline, busy)`` (one batch: source block i -> destination
+          block perm[i] for i in [lo, hi); a write carries notification ``tag``, a read gets
+          None) and ``complete(deadline, busy)`` (returns once every batch posted is complete
+          locally), and ``close()``;
       ``versions()`` -> dict of library versions.
+    ``options`` also hold ``host`` and ``net_device``: the side's address and interface.
+    Either maker may raise ``Unsupported`` for a workload its library cannot run.
     """
     load_before = os.getloadavg()[0]  # the record says how busy the (shared) host was
     ctx = multiprocessing.get_context("spawn")
@@ -302,6 +417,8 @@ def run_pair(system: str, spec: PeerSpec, extra: dict[str, Any] | None = None) -
         raise
     _stop(procs, grace_s=SHUTDOWN_TIMEOUT_S)
     record = summarize(system, w, results, versions, extra)
+    record["network"] = spec.network
+    record["netns"] = spec.decode.netns is not None
     record["warmup_verified"] = w.warmup
     record["loadavg_1min_before_after"] = [load_before, os.getloadavg()[0]]
     return record
@@ -309,14 +426,22 @@ def run_pair(system: str, spec: PeerSpec, extra: dict[str, Any] | None = None) -
 
 def _one_rep(conns: dict, workload: Workload, rep: int) -> RepResult:
     timeout = workload.rep_timeout_s()
-    conns["initiator"].send(("prep", rep))
-    _expect(conns["initiator"], "prepped", timeout)
-    conns["target"].send(("arm", rep))
-    _expect(conns["target"], "armed", timeout)
+    src_side, dst_side = (("initiator", "target") if workload.op == "write"
+                          else ("target", "initiator"))
+    conns[src_side].send(("prep", rep))
+    _expect(conns[src_side], "prepped", timeout)
+    conns[dst_side].send(("arm", rep))
+    _expect(conns[dst_side], "armed", timeout)
     conns["initiator"].send(("go", rep))
-    _, t_post, t_done, cpu_i = _expect(conns["initiator"], "sent", timeout)
-    _, t_seen, cpu_t, bad = _expect(conns["target"], "seen", timeout)
-    return RepResult(t_seen - t_post, t_done - t_post, cpu_i, cpu_t, bad)
+    _, t_post, t_last, t_done, cpu_i, bad_i = _expect(conns["initiator"], "sent", timeout)
+    if workload.op == "write":
+        _, t_seen, cpu_t, bad = _expect(conns["target"], "seen", timeout)
+    else:  # the initiator is the decode side: its read completing is the end
+        conns["target"].send(("cpu", rep))
+        _, cpu_t = _expect(conns["target"], "cpu", timeout)
+        t_seen, bad = t_done, bad_i
+    return RepResult(t_seen - t_post, t_done - t_post, t_seen - t_last, t_last - t_post,
+                     cpu_i, cpu_t, bad)
 
 
 def _expect(conn, kind: str, timeout: float) -> tuple:
@@ -328,6 +453,8 @@ def _expect(conn, kind: str, timeout: float) -> tuple:
         raise PeerError(f"child exited (crashed?) while '{kind}' was awaited") from None
     if msg[0] == "error":
         raise PeerError(msg[1])
+    if msg[0] == "unsupported":
+        raise Unsupported(msg[1])
     if msg[0] != kind:
         raise PeerError(f"expected '{kind}' from child, got {msg[0]!r}")
     return msg
@@ -352,11 +479,17 @@ def _stop(procs: dict, grace_s: float) -> None:
 
 
 def _child_main(conn, role: str, spec: PeerSpec) -> None:
-    os.environ.update(spec.env)  # before the library is imported and reads it
+    place = spec.place(role)
     try:
+        if place.netns:  # before any socket or thread: both stay in the namespace they start in
+            from kvtransfer.testing.netns import enter
+
+            enter(place.netns)
+        os.environ.update(spec.env)  # before the library is imported and reads it
         peer = importlib.import_module(spec.module)
-        loop = _target_loop if role == "target" else _initiator_loop
-        loop(conn, peer, spec)
+        _child_loop(conn, peer, spec, role, place)
+    except Unsupported as e:
+        conn.send(("unsupported", str(e)))
     except BaseException:
         conn.send(("error", f"{role}: {traceback.format_exc()}"))
         raise
@@ -369,44 +502,61 @@ def _next_command(conn) -> tuple:
     return conn.recv()
 
 
-def _target_loop(conn, peer, spec: PeerSpec) -> None:
+def _child_loop(conn, peer, spec: PeerSpec, role: str, place: Place) -> None:
+    """One side of every rep. "prep" fills the source, "arm" poisons the destination, "go"
+    (initiator) posts the batches; the decode side verifies after its end of the rep."""
     w = spec.workload
-    dst = allocate(w.total_bytes)
+    options = {**spec.options, "host": place.host, "net_device": place.device}
+    buf = allocate(w.total_bytes)
     perm = block_permutation(w)
-    target = peer.make_target(w, dst, spec.options)
-    conn.send(("info", target.info(), {**base_versions(), **peer.versions()}))
-    while (msg := _next_command(conn))[0] == "arm":
-        rep = msg[1]
-        poison(dst)
-        cpu0 = cpu_seconds()
-        conn.send(("armed",))
-        target.wait(transfer_tag(rep), now() + w.rep_timeout_s(), w.busy_poll)
-        t_seen = now()
-        cpu = cpu_seconds() - cpu0
-        conn.send(("seen", t_seen, cpu, count_bad_blocks(dst, w, rep, perm)))
-    target.close()
-    conn.send(("closed",))
-
-
-def _initiator_loop(conn, peer, spec: PeerSpec) -> None:
-    w = spec.workload
-    src = allocate(w.total_bytes)
-    _, info = _next_command(conn)
-    initiator = peer.make_initiator(w, src, info, spec.options)
-    conn.send(("ready",))
+    if role == "target":
+        side = peer.make_target(w, buf, options)
+        conn.send(("info", side.info(), {**base_versions(), **peer.versions()}))
+    else:
+        _, info = _next_command(conn)
+        side = peer.make_initiator(w, buf, info, options)
+        conn.send(("ready",))
+    cpu0 = cpu_seconds()
     while (msg := _next_command(conn))[0] != "close":
         kind, rep = msg
+        deadline = now() + w.rep_timeout_s()
         if kind == "prep":
-            fill_source(src, w, rep)
+            fill_source(buf, w, rep)
+            cpu0 = cpu_seconds()
             conn.send(("prepped",))
-            continue
-        cpu0 = cpu_seconds()
-        t_post = now()
-        initiator.write(transfer_tag(rep), t_post + w.rep_timeout_s(), w.busy_poll)
-        t_done = now()
-        conn.send(("sent", t_post, t_done, cpu_seconds() - cpu0))
-    initiator.close()
+        elif kind == "arm":
+            poison(buf)
+            cpu0 = cpu_seconds()
+            conn.send(("armed",))
+            if role == "target":  # the decode side of a write: wait for it, then verify
+                side.wait(layer_tags(w, rep), deadline, w.busy_poll)
+                t_seen = now()
+                cpu = cpu_seconds() - cpu0
+                conn.send(("seen", t_seen, cpu, count_bad_blocks(buf, w, rep, perm)))
+        elif kind == "go":
+            t_post, t_last, t_done, cpu = _post_all(side, w, rep, deadline)
+            bad = count_bad_blocks(buf, w, rep, perm) if w.op == "read" else 0
+            conn.send(("sent", t_post, t_last, t_done, cpu, bad))
+        elif kind == "cpu":
+            conn.send(("cpu", cpu_seconds() - cpu0))
+    side.close()
     conn.send(("closed",))
+
+
+def _post_all(side, w: Workload, rep: int, deadline: float) -> tuple[float, float, float, float]:
+    """Posts every batch of rep ``rep`` (one per layer when streamed, ``layer_delay_s`` apart)
+    and waits until they are complete locally: (first post, last post, complete, CPU s)."""
+    tags = layer_tags(w, rep) if w.op == "write" else [None] * w.layers
+    cpu0 = cpu_seconds()
+    t_post = t_last = now()
+    for i, ((lo, hi), tag) in enumerate(zip(w.layer_bounds(), tags, strict=True)):
+        if i and w.layer_delay_s:
+            time.sleep(w.layer_delay_s)  # the next layer's compute; sleeping, not spinning
+        t_last = now()
+        side.post(tag, lo, hi, deadline, w.busy_poll)
+    side.complete(deadline, w.busy_poll)
+    t_done = now()
+    return t_post, t_last, t_done, cpu_seconds() - cpu0
 
 
 # --------------------------------------------------------------------------- command line
@@ -428,6 +578,11 @@ def parse_args(variants: list[str], argv: list[str] | None = None) -> argparse.N
     p.add_argument("--pattern", choices=["random", "sequential"], default="random")
     p.add_argument("--reps", type=int, help="measured reps (default: 5, latency 200)")
     p.add_argument("--warmup", type=int, help="unreported, verified reps first")
+    p.add_argument("--op", choices=OPS, default="write", help="write (push) or read (pull)")
+    p.add_argument("--layers", type=int, default=1,
+                   help="stream the request as this many per-layer batches")
+    p.add_argument("--layer-delay-us", type=float, default=0.0,
+                   help="streamed: pause between layers (the layer's compute)")
     p.add_argument(
         "--option",
         action="append",
@@ -462,10 +617,16 @@ def workloads_from_args(args: argparse.Namespace) -> list[Workload]:
     else:
         chosen = [Workload(args.block_bytes, args.blocks, args.pattern)]
     overrides = {k: v for k, v in (("reps", args.reps), ("warmup", args.warmup)) if v is not None}
+    overrides["op"] = args.op
+    if args.layers > 1:
+        overrides.update(mode="streamed", layers=args.layers,
+                         layer_delay_s=args.layer_delay_us * 1e-6)
     return [dataclasses.replace(w, **overrides) for w in chosen]
 
 
 def format_record(rec: dict[str, Any]) -> str:
+    if "unsupported" in rec:
+        return f"{rec['system']:<22} {rec['workload']:<22} n/a ({rec['unsupported']})"
     if "error" in rec:
         return f"{rec['system']:<22} {rec['workload']:<22} FAILED: {rec['error']}"
     head = f"{rec['system']:<22} {rec['workload']:<22}"
@@ -492,6 +653,8 @@ def cli(
         for workload in workloads_from_args(args):
             try:
                 rec = run(workload, variant=variant, **options)
+            except Unsupported as exc:
+                rec = unsupported_record(variant, workload, str(exc))
             except (PeerError, TimeoutError, VerificationError) as exc:
                 failed += 1
                 rec = {

@@ -1,13 +1,16 @@
 """NVIDIA NIXL (UCX backend) as a loopback baseline.
 
 Per rep the initiator makes one transfer request from prepared descriptor lists (source block
-i -> destination block perm[i]), posts it with the rep's notification, and polls it to DONE; the
-target polls ``get_new_notifs()`` until that notification arrives. The timed window starts before
-``make_prepped_xfer`` (a connector builds one request per KV request) and ends when the target
-has the notification. Metadata travels over the harness pipe (``get_agent_metadata`` ->
-``add_remote_agent``), so NIXL's own listener thread and any metadata server stay off.
+i -> destination block perm[i]) per batch (the whole request, or one layer when streamed), posts
+it and polls them all to DONE. A WRITE carries the batch's notification and the target (decode)
+polls ``get_new_notifs()`` until it has every one; a READ is posted by the decode side, which is
+done when its READ requests are DONE (vLLM's NIXL connector pulls this way). The timed window
+starts before the first ``make_prepped_xfer`` (a connector builds one request per KV request)
+and ends when the decode side has the bytes. Metadata travels over the harness pipe
+(``get_agent_metadata`` -> ``add_remote_agent``), so NIXL's own listener thread and any
+metadata server stay off.
 
-Variants (all pin UCX's network devices to ``lo``):
+Variants (all pin UCX's network devices to ``lo``, or to the side's veth end with --netns):
   ``nixl-ucx-tcp``      UCX restricted to TCP (``UCX_TLS=tcp``), NIXL's defaults otherwise;
   ``nixl-ucx-default``  NIXL's and UCX's defaults: on one host that is TCP plus CMA
                         (process_vm_writev) for large messages; no shared memory, see below;
@@ -32,7 +35,8 @@ from kvtransfer.bench.harness import Workload
 
 # UCX_NET_DEVICES=lo keeps UCX's TCP on loopback (the worker address would otherwise list every
 # interface); UCX_WARN_UNUSED_ENV_VARS=n silences a warning about the variables set here.
-_LOOPBACK = {"UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n", "NIXL_LOG_LEVEL": "WARN"}
+# UCX_NET_DEVICES is set per side from the harness's ``net_device`` option (see _agent).
+_LOOPBACK = {"UCX_WARN_UNUSED_ENV_VARS": "n", "NIXL_LOG_LEVEL": "WARN"}
 
 # progress_thread: NIXL's progress thread (NIXL's default: on). ucx_error_handling_mode: NIXL's
 # default "peer" rules out UCX's shared-memory transports (sysv/posix cannot detect a dead peer),
@@ -48,16 +52,21 @@ VARIANTS: dict[str, tuple[dict[str, str], dict[str, Any]]] = {
 _TARGET_NAME, _INITIATOR_NAME = "kvbench-target", "kvbench-initiator"
 
 
-def run(workload: Workload, variant: str = "nixl-ucx-tcp", **options: Any) -> dict[str, Any]:
-    """Measure ``workload`` with NIXL; ``options`` override the variant's options."""
+def run(
+    workload: Workload, variant: str = "nixl-ucx-tcp", hosts: Any = None, **options: Any
+) -> dict[str, Any]:
+    """Measure ``workload`` with NIXL; ``options`` override the variant's options; ``hosts``
+    (kvtransfer.testing.netns.TwoHosts) puts the two sides in its network namespaces."""
     env, variant_options = VARIANTS[variant]
     opts = {**DEFAULT_OPTIONS, **variant_options, **options}
     system = variant if opts["progress_thread"] else f"{variant}-noprogthread"
-    spec = common.PeerSpec(__name__, workload, env, opts)
+    spec = common.PeerSpec(__name__, workload, env, opts, **common.places(hosts))
     extra = {
-        "env": env,
+        "env": {**env, "UCX_NET_DEVICES": "lo" if hosts is None else "the side's veth end"},
         "options": opts,
-        "notification": "nixl notif (get_new_notifs)",
+        "notification": "nixl notif (get_new_notifs), one per batch"
+        if workload.op == "write"
+        else "READ requests DONE on the decode side",
         "app_polling": "spin" if _spins(workload.busy_poll, opts) else "sleep 100us",
     }
     return common.run_pair(system, spec, extra=extra)
@@ -97,6 +106,9 @@ def _ucx_version() -> str:
 
 
 def _agent(name: str, options: dict[str, Any]):
+    import os
+
+    os.environ["UCX_NET_DEVICES"] = options["net_device"]  # read when the backend starts UCX
     from nixl._api import nixl_agent, nixl_agent_config
 
     config = nixl_agent_config(enable_prog_thread=options["progress_thread"], backends=[])
@@ -119,22 +131,25 @@ def _descs(base: int, workload: Workload) -> np.ndarray:
 
 
 class _Target:
-    def __init__(self, workload: Workload, dst: np.ndarray, options: dict[str, Any]):
+    def __init__(self, workload: Workload, buf: np.ndarray, options: dict[str, Any]):
         self.options = options
         self.agent = _agent(_TARGET_NAME, options)
-        self.reg = _register(self.agent, dst)
-        self.base = common.buffer_address(dst)
+        self.reg = _register(self.agent, buf)
+        self.base = common.buffer_address(buf)
 
     def info(self) -> dict[str, Any]:
         return {"metadata": self.agent.get_agent_metadata(), "base": self.base}
 
-    def wait(self, tag: str, deadline: float, busy: bool) -> None:
-        want = tag.encode()
+    def wait(self, tags: list[str], deadline: float, busy: bool) -> None:
+        missing = {t.encode() for t in tags}
 
         def arrived() -> bool:
-            return any(want in msgs for msgs in self.agent.get_new_notifs().values())
+            for msgs in self.agent.get_new_notifs().values():
+                missing.difference_update(msgs)
+            return not missing
 
-        common.poll_until(arrived, deadline, _spins(busy, self.options), f"NIXL notif {tag}")
+        what = f"NIXL notifs {tags[0]}.. ({len(tags)})"
+        common.poll_until(arrived, deadline, _spins(busy, self.options), what)
 
     def close(self) -> None:
         self.agent.deregister_memory(self.reg)
@@ -142,59 +157,79 @@ class _Target:
 
 class _Initiator:
     def __init__(
-        self, workload: Workload, src: np.ndarray, info: dict[str, Any], options: dict[str, Any]
+        self, workload: Workload, buf: np.ndarray, info: dict[str, Any], options: dict[str, Any]
     ):
         self.options = options
         self.agent = _agent(_INITIATOR_NAME, options)
-        self.reg = _register(self.agent, src)
+        self.reg = _register(self.agent, buf)
         self.remote = self.agent.add_remote_agent(info["metadata"])
         self.local = self.agent.prep_xfer_dlist(
-            "NIXL_INIT_AGENT", _descs(common.buffer_address(src), workload), "DRAM"
+            "NIXL_INIT_AGENT", _descs(common.buffer_address(buf), workload), "DRAM"
         )
         self.remote_side = self.agent.prep_xfer_dlist(
             self.remote, _descs(info["base"], workload), "DRAM"
         )
-        self.local_idx = np.arange(workload.blocks, dtype=np.int32)
-        self.remote_idx = common.block_permutation(workload).astype(np.int32)
-        self.agent.make_connection(self.remote)
-
-    def write(self, tag: str, deadline: float, busy: bool) -> None:
-        handle = self.agent.make_prepped_xfer(
-            "WRITE",
-            self.local,
-            self.local_idx,
-            self.remote_side,
-            self.remote_idx,
-            notif_msg=tag.encode(),
+        # Source block i -> destination block perm[i]; the initiator holds the source of a
+        # WRITE and the destination of a READ.
+        src_idx = np.arange(workload.blocks, dtype=np.int32)
+        dst_idx = common.block_permutation(workload).astype(np.int32)
+        self.op = workload.op.upper()
+        self.local_idx, self.remote_idx = (
+            (src_idx, dst_idx) if self.op == "WRITE" else (dst_idx, src_idx)
         )
+        self.agent.make_connection(self.remote)
+        self.pending: list[list[Any]] = []  # [handle, state] per batch posted
+
+    def post(self, tag: str | None, lo: int, hi: int, deadline: float, busy: bool) -> None:
+        handle = self.agent.make_prepped_xfer(
+            self.op,
+            self.local,
+            self.local_idx[lo:hi],
+            self.remote_side,
+            self.remote_idx[lo:hi],
+            notif_msg=tag.encode() if tag else b"",
+        )
+        self.pending.append([handle, "PROC"])
         try:
-            state = [self.agent.transfer(handle)]
+            self.pending[-1][1] = self.agent.transfer(handle)
+        except BaseException:
+            self._release_all()
+            raise
 
-            def complete() -> bool:
-                if state[0] == "PROC":
-                    state[0] = self.agent.check_xfer_state(handle)
-                return state[0] != "PROC"
+    def complete(self, deadline: float, busy: bool) -> None:
+        def all_done() -> bool:
+            for entry in self.pending:
+                if entry[1] == "PROC":
+                    entry[1] = self.agent.check_xfer_state(entry[0])
+            return all(entry[1] != "PROC" for entry in self.pending)
 
-            spin = _spins(busy, self.options)
-            common.poll_until(complete, deadline, spin, f"NIXL transfer {tag}")
-            if state[0] != "DONE":
-                raise RuntimeError(f"NIXL transfer {tag} ended in state {state[0]}")
+        try:
+            what = f"NIXL {self.op} of {len(self.pending)} batches"
+            common.poll_until(all_done, deadline, _spins(busy, self.options), what)
+            failed = [entry[1] for entry in self.pending if entry[1] != "DONE"]
+            if failed:
+                raise RuntimeError(f"NIXL {self.op} ended in states {failed}")
         finally:
+            self._release_all()
+
+    def _release_all(self) -> None:
+        for handle, _ in self.pending:
             handle.release()
+        self.pending.clear()
 
     def close(self) -> None:
         self.agent.remove_remote_agent(self.remote)
         self.agent.deregister_memory(self.reg)
 
 
-def make_target(workload: Workload, dst: np.ndarray, options: dict[str, Any]) -> _Target:
-    return _Target(workload, dst, options)
+def make_target(workload: Workload, buf: np.ndarray, options: dict[str, Any]) -> _Target:
+    return _Target(workload, buf, options)
 
 
 def make_initiator(
-    workload: Workload, src: np.ndarray, info: dict[str, Any], options: dict[str, Any]
+    workload: Workload, buf: np.ndarray, info: dict[str, Any], options: dict[str, Any]
 ) -> _Initiator:
-    return _Initiator(workload, src, info, options)
+    return _Initiator(workload, buf, info, options)
 
 
 if __name__ == "__main__":

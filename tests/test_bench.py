@@ -1,0 +1,136 @@
+"""`kvtransfer bench` on tiny workloads, for real (two spawned processes, real sockets): every
+op, mode and network it offers runs, verifies the decode side's bytes, and says in its JSON
+record what was measured."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from kvtransfer.bench.cli import check_transports, format_table, main
+from kvtransfer.bench.harness import (
+    RepResult,
+    VerificationError,
+    Workload,
+    block_permutation,
+    summarize,
+    unsupported_record,
+)
+from kvtransfer.testing.netns import unavailable_reason
+from kvtransfer.transports import available
+
+TINY = "16KiBx64"  # 1 MiB a rep
+DIMENSIONS = ("op", "mode", "layers", "layer_delay_s", "network", "netns")
+
+
+def bench(tmp_path, *args: str) -> list[dict]:
+    out = tmp_path / "bench.jsonl"
+    rc = main(["--workloads", TINY, "--reps", "2", "--no-progress", "--json", str(out), *args])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rc == 0, [r.get("error") for r in records]
+    return records
+
+
+def assert_verified(rec: dict, reps: int = 2) -> None:
+    assert rec["verified"] is True and rec["verified_on"] == "decode"
+    assert rec["reps"] == reps and rec["warmup_verified"] == 1
+    assert rec["gbps_p50"] > 0 and len(rec["gbps_all"]) == reps
+    for key in (*DIMENSIONS, "argv", "machine", "versions", "last_post_to_done_s_p50"):
+        assert key in rec, key
+
+
+def test_read_is_pulled_by_the_decode_side_and_verified_there(tmp_path):
+    (rec,) = bench(tmp_path, "--op", "read")
+    assert_verified(rec)
+    assert (rec["op"], rec["mode"], rec["netns"]) == ("read", "whole", False)
+    assert rec["workload"] == "16KiBx64-random read"
+    assert rec["notification"] == "ep.read complete on the decode side"
+
+
+def test_streamed_write_posts_layers_apart_and_reports_the_tail(tmp_path):
+    delay_us = 2000
+    (rec,) = bench(tmp_path, "--stream", "--layers", "4", "--layer-delay-us", str(delay_us),
+                   "--plot", str(tmp_path / "plots"))
+    assert_verified(rec)
+    assert (rec["mode"], rec["layers"], rec["layer_delay_s"]) == ("streamed", 4, 0.002)
+    # Three pauses between four layers; what follows the last post is part of the whole.
+    assert rec["post_span_s_p50"] >= 3 * delay_us * 1e-6
+    assert rec["last_post_to_done_s_p50"] < rec["latency_s_p50"]
+    assert (tmp_path / "plots" / "streamed_last_layer_to_done.png").stat().st_size > 0
+
+
+def test_every_op_and_mode_combination_runs_in_one_invocation(tmp_path):
+    records = bench(tmp_path, "--op", "write,read", "--mode", "whole,streamed", "--layers", "2")
+    assert sorted((r["op"], r["mode"]) for r in records) == [
+        ("read", "streamed"), ("read", "whole"), ("write", "streamed"), ("write", "whole")]
+    for rec in records:
+        assert_verified(rec)
+    assert len({r["workload"] for r in records}) == 4  # one table block each
+
+
+def test_layers_must_divide_the_block_count(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--workloads", TINY, "--stream", "--layers", "5", "--no-progress"])
+    assert exc.value.code == 2
+    assert "64 blocks cannot be split into 5" in capsys.readouterr().err
+
+
+@pytest.mark.netns
+def test_netns_runs_cross_a_veth_made_and_removed_by_the_bench(tmp_path):
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"--netns: {why}")
+    (rec,) = bench(tmp_path, "--netns", "--op", "read")
+    assert_verified(rec)
+    assert rec["netns"] is True and rec["network"].startswith("veth 10.254.77.2")
+    # Warm-up and measured reps all went over the veth, into the decode side.
+    assert rec["veth_decode_rx_bytes"] >= 3 * (1 << 20)
+    made = re.findall(r"\((kvt-[dp]\d+)\)", rec["network"])
+    assert len(made) == 2
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not set(made) & set(left.split()), f"namespaces {made} were left behind"
+
+
+def test_peer_read_and_streamed_write_are_verified_too(tmp_path):
+    pytest.importorskip("mooncake.engine", reason="mooncake-transfer-engine-non-cuda not "
+                                                  "installed (requirements-peers.txt)")
+    records = bench(tmp_path, "--peers", "mooncake", "--op", "write,read", "--stream",
+                    "--layers", "2")
+    peers = [r for r in records if r["system"] == "mooncake-tcp"]
+    assert sorted(r["op"] for r in peers) == ["read", "write"]
+    for rec in peers:
+        assert_verified(rec)
+
+
+def test_every_registered_transport_is_accepted_and_others_are_refused(capsys):
+    assert check_transports([*available(), "auto", "fabric:shm"]) is None
+    with pytest.raises(SystemExit):
+        main(["--transport", "no-such-transport", "--no-progress"])
+    err = capsys.readouterr().err
+    assert "'no-such-transport' is not registered" in err and "tcp" in err
+
+
+def test_a_system_that_cannot_run_a_workload_is_shown_not_applicable():
+    w = Workload(4096, 8, op="read")
+    table = format_table([unsupported_record("somepeer", w, "no remote read on its TCP")])
+    assert "n/a" in table and "(no remote read on its TCP)" in table
+
+
+def test_streamed_layers_share_one_block_table():
+    w = Workload(4096, 12, "random", mode="streamed", layers=3)
+    perm = block_permutation(w).reshape(3, 4)  # layer l holds blocks [4l, 4l + 4)
+    table = perm[0]
+    assert sorted(table) == [0, 1, 2, 3]
+    for layer in range(3):
+        assert np.array_equal(perm[layer], table + 4 * layer)
+
+
+def test_a_wrong_block_in_any_rep_means_no_number():
+    w = Workload(4096, 8, reps=2, warmup=1)
+    good = RepResult(1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0)
+    with pytest.raises(VerificationError, match="wrong blocks after reps {0: 1}"):
+        summarize("x", w, [RepResult(1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0, 1), good, good], {})
