@@ -184,6 +184,12 @@ uint32_t* RegionTableView::busy(uint32_t slot) const {
 
 Grant RegionTableView::acquire(const RemoteRegion& remote, bool write, uint64_t extent) {
   const std::string region = "region " + std::to_string(remote.id);
+  if (remote.rkey.empty()) {
+    // The peer listed its regions between registering this one and publishing it.
+    fail(ErrorCode::kInvalidRequest,
+         region + " of the peer was listed before it was published to cma peers; list the "
+                  "peer's regions again (peer.regions()) and retry");
+  }
   uint32_t slot = decode_slot(remote.rkey);
   if (slot >= kTableCapacity) {
     fail(ErrorCode::kProtocol, "remote access to " + region + " with a wrong key");
