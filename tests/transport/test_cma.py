@@ -9,6 +9,7 @@ cannot reach (another host, another pid namespace) is refused at connect, saying
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from kvtransfer import transports
 from kvtransfer.testing.peers import block_segments
 
 MiB = 1 << 20
+SYS_PROCESS_VM_WRITEV = 311  # x86_64
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif("cma" not in transports.available(),
@@ -37,25 +40,36 @@ def _ep(name: str, **kw) -> kvt.Endpoint:
 
 
 def write_forever(conn, info: bytes, region_id: int, nbytes: int) -> None:
-    """Child: writes all of nbytes again and again, each round a new byte value, until told
-    to stop; then reports how its writes ended."""
+    """Child: writes all of nbytes again and again, alternating two byte values (so a late
+    write would show) and keeping three writes queued (so its copy threads never idle), until
+    told to stop; then reports how its writes ended."""
     with _ep("prefill-proc", timeout=5.0) as ep:
-        src = np.zeros(nbytes, np.uint8)
-        rs = ep.register(src)
+        sources = [ep.register(np.full(nbytes, v, np.uint8)) for v in (1, 2)]
         peer = ep.connect(info)
         conn.send("connected")
         segs = block_segments(range(nbytes // MiB), range(nbytes // MiB), MiB)
         outcomes: list[str] = []
-        k = 0
-        while not conn.poll():
-            k += 1
-            src[:] = k % 255 + 1
+        pending: deque = deque()
+
+        def settle_oldest() -> None:
             try:
-                ep.write(peer, rs, region_id, segs).wait(5)
+                pending.popleft().wait(5)
                 outcomes.append("done")
             except kvt.KVTransferError as e:
                 outcomes.append(type(e).__name__)
+
+        k = 0
+        while not conn.poll():
+            k += 1
+            try:
+                pending.append(ep.write(peer, sources[k % 2], region_id, segs))
+            except kvt.KVTransferError as e:
+                outcomes.append(type(e).__name__)
                 time.sleep(0.01)
+            if len(pending) >= 3 or (pending and not k % 50):
+                settle_oldest()
+        while pending:
+            settle_oldest()
         conn.send(outcomes)
 
 
@@ -81,10 +95,46 @@ def test_deregistering_under_a_writing_peer_drains_and_nothing_lands_after(spawn
         assert failed and set(failed) <= {"InvalidRequestError"}, outcomes
 
 
+def _stopped_in_a_copy(pid: int) -> bool | None:
+    """For a SIGSTOPped process: True once one of its cma copy threads is stopped at the end
+    of a process_vm_writev (before it released the region), False if none is, None while some
+    thread has not stopped yet."""
+    states = []
+    for task in glob.glob(f"/proc/{pid}/task/*"):
+        try:
+            with open(task + "/comm") as f:
+                name = f.read().strip()
+            with open(task + "/syscall") as f:
+                nr = f.read().split()[0]
+        except OSError:
+            continue
+        if nr == "running":
+            return None
+        states.append((name, nr))
+    return any(name == "kvt-cma-copy" and nr == str(SYS_PROCESS_VM_WRITEV)
+               for name, nr in states)
+
+
+def _stop_mid_copy(pid: int) -> None:
+    """SIGSTOPs `pid` at a moment one of its copies is under way (retrying until it is)."""
+    for _ in range(200):
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 2
+        while (mid := _stopped_in_a_copy(pid)) is None:
+            assert time.monotonic() < deadline, "the initiator did not stop"
+            time.sleep(0.001)
+        if mid:
+            return
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.001 * (os.getpid() % 7))
+    pytest.fail("never caught the initiator inside a copy")
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall number is x86_64's")
 def test_deregistration_waits_for_a_copy_under_way(spawn):
-    """An initiator stopped with a copy under way (SIGSTOP lands as its process_vm_writev
-    returns, before it releases the region) holds deregistration up to the endpoint's
-    timeout, which then fails rather than return while the region may still be written."""
+    """An initiator stopped inside a copy (SIGSTOP lands as its process_vm_writev returns,
+    before it releases the region) holds deregistration up to the endpoint's timeout, which
+    then fails rather than return while the region may still be written."""
     with _ep("decode", timeout=1.0) as target:
         dst = np.zeros(256 * MiB, np.uint8)
         rd = target.register(dst, remote_write=True)
@@ -94,7 +144,7 @@ def test_deregistration_waits_for_a_copy_under_way(spawn):
         while not dst[:MiB].any():
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        os.kill(proc.pid, signal.SIGSTOP)
+        _stop_mid_copy(proc.pid)
         try:
             t0 = time.monotonic()
             with pytest.raises(kvt.TimeoutError, match="still being accessed"):
