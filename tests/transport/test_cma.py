@@ -159,6 +159,7 @@ def test_deregistration_waits_for_a_copy_under_way(spawn):
         assert np.array_equal(dst, after), "the resumed initiator wrote a withdrawn region"
 
 
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall number is x86_64's")
 def test_a_killed_initiator_does_not_wedge_deregistration(spawn):
     with _ep("decode", timeout=10.0) as target:
         dst = np.zeros(256 * MiB, np.uint8)
@@ -169,7 +170,8 @@ def test_a_killed_initiator_does_not_wedge_deregistration(spawn):
         while not dst[:MiB].any():
             assert time.monotonic() < deadline
             time.sleep(0.001)
-        os.kill(proc.pid, signal.SIGKILL)  # most likely mid-copy, its counter never released
+        _stop_mid_copy(proc.pid)  # its copy's in-flight mark is never released now
+        os.kill(proc.pid, signal.SIGKILL)
         proc.join(5)
         t0 = time.monotonic()
         rd.close(timeout=10)

@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 
 #include "auth/hmac_sha256.h"
@@ -76,6 +77,12 @@ void probe(pid_t pid, const TableHeader& h, const CmaAddress& a) {
   }
 }
 
+std::string seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", s);
+  return buf;
+}
+
 }  // namespace
 
 CmaTransport::CmaTransport(TransportContext ctx) : ctx_(std::move(ctx)) {
@@ -125,7 +132,7 @@ void CmaTransport::deregister_region(const Region& region) {
     // The slot stays withdrawn and is never reused: that initiator may still finish its copy.
     fail(ErrorCode::kTimeout,
          "cma: region " + std::to_string(region.id) + " is still being accessed by " + holder +
-             " after " + std::to_string(timeout_s) + " s (is that process frozen?); it accepts "
+             " after " + seconds(timeout_s) + " s (is that process frozen?); it accepts "
              "no new access, but keep its memory mapped until that peer exits");
   }
   std::lock_guard<std::mutex> lock(mu_);
