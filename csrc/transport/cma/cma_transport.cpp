@@ -5,6 +5,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
@@ -308,7 +309,11 @@ void CmaTransport::shutdown() {
     slots_.clear();
   }
   std::string holder;
-  for (uint32_t slot : slots) drain(slot, ctx_.options.connect_timeout_s, holder);
+  const auto start = std::chrono::steady_clock::now();
+  for (uint32_t slot : slots) {
+    double spent = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    drain(slot, std::max(0.0, ctx_.options.connect_timeout_s - spent), holder);  // one bound for all
+  }
   listener_.shutdown_both();
   {
     std::lock_guard<std::mutex> lock(mu_);
