@@ -155,9 +155,10 @@ def as_segments(segments: Any) -> np.ndarray:
 class Endpoint:
     """A kvtransfer endpoint: registers memory, accepts and makes connections, moves bytes.
 
-    ``transport``: "tcp", "fabric" (with ``provider``) or "auto". ``timeout`` bounds every
-    transfer and how long a dead peer can keep one pending. ``checksum=True`` adds a crc32c over
-    every payload, checked where it lands (control messages always carry one). ``faults``
+    ``transport``: "tcp", "cma" (peers on this host only), "fabric" (with ``provider``) or
+    "auto". ``timeout`` bounds every transfer and how long a dead peer can keep one pending.
+    ``checksum=True`` adds a crc32c over every payload, checked where it lands (control
+    messages always carry one; cma has no wire to protect and ignores it). ``faults``
     injects failures for testing (docs/transports.md), e.g. "reorder=1,delay_ms=5".
     """
 

@@ -6,7 +6,7 @@ target:    --listen HOST:PORT --nbytes N        prints {"info", "region"}, then 
 initiator: --connect INFO_HEX                    answers {"write": payload, "region", "seed",
            "block_bytes", "dst_blocks"} with {"writing": true} as it starts, then
            {"done": seconds} or {"error"}
-Either stops at end of input.
+Either stops at end of input. ``--transport`` picks the transport (default tcp).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def _say(**msg) -> None:
 
 
 def _target(args) -> None:
-    with kvt.Endpoint("netns-target", listen=args.listen, timeout=args.timeout) as ep:
+    with kvt.Endpoint("netns-target", transport=args.transport, listen=args.listen,
+                      timeout=args.timeout) as ep:
         buf = np.zeros(args.nbytes, np.uint8)
         region = ep.register(buf, remote_write=True)
         _say(info=ep.info().hex(), region=region.id)
@@ -44,7 +45,8 @@ def _target(args) -> None:
 
 
 def _initiator(args) -> None:
-    with kvt.Endpoint("netns-initiator", listen=args.listen, timeout=args.timeout) as ep:
+    with kvt.Endpoint("netns-initiator", transport=args.transport, listen=args.listen,
+                      timeout=args.timeout) as ep:
         peer = ep.connect(bytes.fromhex(args.connect))
         _say(connected=True)
         for line in sys.stdin:
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nbytes", type=int, default=64 << 20)
     ap.add_argument("--connect", default="")
     ap.add_argument("--timeout", type=float, default=3.0)
+    ap.add_argument("--transport", default="tcp")
     args = ap.parse_args(argv)
     (_target if args.role == "target" else _initiator)(args)
 

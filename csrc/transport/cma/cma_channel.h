@@ -1,0 +1,46 @@
+// The cma transport's only socket: a unix SOCK_SEQPACKET connection in the abstract namespace
+// (so it is reachable only from the same network namespace), carrying small records - the
+// session hello, the welcome with the region table's and busy board's memfds (SCM_RIGHTS),
+// then "units of transfer S landed" and refusals from initiator to target. Its end of file is
+// how each side learns the other is gone.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "net/socket.h"
+
+namespace kvt::cma {
+
+enum class MsgType : uint32_t {
+  kHello = 1,    // initiator -> target: slot = session token
+  kWelcome = 2,  // target -> initiator: two fds (table, busy board)
+  kDenied = 3,   // target -> initiator: text says why
+  kArrived = 4,  // initiator -> target: arg units of transfer `slot` are in target memory
+  kRefused = 5,  // initiator -> target: transfer `slot` refused (arg: ErrorCode), text says why
+};
+
+struct Msg {
+  MsgType type = MsgType::kHello;
+  uint32_t arg = 0;
+  uint64_t slot = 0;
+  std::string text;      // at most kMaxText bytes
+  std::vector<int> fds;  // received descriptors, owned by the receiver
+};
+
+constexpr size_t kMaxText = 1024;
+
+net::Socket listen_abstract(const std::string& name);
+// Connects to abstract socket `name`; throws TransportError saying what the failure means.
+net::Socket connect_abstract(const std::string& name, double timeout_s);
+// One record; throws TransportError when the socket is broken.
+void send_msg(const net::Socket& s, MsgType type, uint32_t arg, uint64_t slot,
+              const std::string& text = "", const std::vector<int>& fds = {});
+// One record; false at end of file. Throws on errors and malformed records.
+bool recv_msg(const net::Socket& s, Msg& out);
+// The pid of the process at the other end (as seen from this pid namespace; 0 if invisible).
+int peer_pid(const net::Socket& s);
+void set_recv_timeout(const net::Socket& s, double seconds);
+
+}  // namespace kvt::cma
