@@ -174,6 +174,16 @@ def markdown(rows: list[dict], runs: int, cmd: str, when: str) -> str:
             f"{_fmt(r.get('stream_gb_s'), '.2f')} GB/s | {_ratio(r.get('mib_x1_mb_s'), rb)} | "
             f"{_ratio(r.get('lat4k_us'), 2 * rl if isinstance(rl, float) else None)} |"
             + (f" ({r['error']})" if r.get("error") else ""))
+    spread = []
+    for r in rows:
+        for key, unit in (("raw_mib_mb_s", "MB/s"), ("mib_x1_mb_s", "MB/s"),
+                          ("stream_gb_s", "GB/s")):
+            vals = [x[key] for x in r.get("runs", []) if isinstance(x.get(key), (int, float))]
+            if len(vals) > 1:
+                spread.append(f"{r['system']} {key.removesuffix('_mb_s').removesuffix('_gb_s')} "
+                              f"{min(vals):.4g}-{max(vals):.4g} {unit}")
+    if spread:
+        out += ["", "Spread over the runs (min-max): " + "; ".join(spread) + "."]
     out += ["", "raw: libfabric's fi_pingpong (Debian libfabric-bin "
             f"{transports.probe().version}), two processes on loopback, one message in flight, "
             "no completion counting or notification; libfabric-bin has no fi_rma_bw here, so "

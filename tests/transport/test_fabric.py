@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -116,11 +117,14 @@ def test_one_segment_larger_than_a_unit_is_split(fpair):
         assert (back == src).all()
 
 
-def test_thousands_of_concurrent_transfers_past_the_queue_depth(fpair):
-    """More transfers in flight than the provider's transmit queue and our message slots:
-    back-pressure queues them, every one completes, every notification arrives once."""
+def test_thousands_of_concurrent_transfers_past_the_queue_depth(fpair, provider):
+    """More operations in flight (a MAP and a write per transfer) than the provider's transmit
+    queue and our message slots: back-pressure queues them, every one completes, every
+    notification arrives once."""
     target, initiator = fpair
-    bs, n = 4096, 3000
+    # ofi_rxd: more MAPs in flight than the target has receives posted (1024) stalled rxd for
+    # good in about 1 run in 10 when the target was short of CPU (known limit, docs/transports.md).
+    bs, n = 4096, 1000 if provider == "udp;ofi_rxd" else 3000
     dst = np.zeros(bs * n, np.uint8)
     src = _rand(8, bs * n)
     rd = target.register(dst, remote_write=True)
@@ -217,6 +221,31 @@ def test_push_only_provider_refuses_reads_clearly(provider, monkeypatch):
             initiator.read(peer, rs, rd.id, [[0, 0, 4096]])
         initiator.write(peer, rs, rd.id, [[0, 0, 4096]]).wait(5)
         assert (dst == 5).all()
+
+
+def test_a_completion_error_is_raised_with_the_providers_own_words(provider):
+    """A read with a wrong key (fault injection) never hangs: it ends in an error - where the
+    provider reports it as a CQ error entry (tcp;ofi_rxm here), an error naming provider and NIC
+    with fi_strerror and the provider's fi_cq_strerror text; where the provider drops it
+    silently (udp;ofi_rxd, shm 1.17), at the transfer's deadline."""
+    with _ep("decode", provider, timeout=2.0) as target, \
+            kvt.Endpoint("prefill", transport="fabric", provider=provider, timeout=2.0,
+                         faults="corrupt_key=1") as initiator:
+        if not initiator.caps()["rdma_read"]:
+            pytest.skip("push-only provider")
+        remote = np.full(MiB, 7, np.uint8)
+        rr = target.register(remote, remote_read=True)
+        back = np.zeros(MiB, np.uint8)
+        rb = initiator.register(back)
+        peer = initiator.connect(target.info())
+        with pytest.raises(kvt.KVTransferError) as failed:
+            initiator.read(peer, rb, rr.id, [[0, 0, MiB]]).wait(10)
+        assert not back.any()
+        if not isinstance(failed.value, kvt.TimeoutError):
+            assert re.search(rf"on {re.escape(provider)} \(\w+\): \S.* \(.+\)$",
+                             str(failed.value)), str(failed.value)
+        elif provider == "tcp;ofi_rxm":
+            raise AssertionError("tcp;ofi_rxm reported no CQ error for a wrong key")
 
 
 def test_mismatched_providers_refuse_to_connect(provider):
@@ -349,6 +378,9 @@ def test_closing_an_endpoint_under_a_same_process_peer_is_safe(provider):
     (libfabric 1.17: SIGSEGV in fi_cq_read, 6 runs in 6 before the fix). Closed endpoints stay
     mapped until nothing in the process addresses them; a peer that writes to one is told it
     is gone, at once."""
+    if provider not in ("shm", "efa"):
+        pytest.skip("only providers that share memory between processes of a host map "
+                    "same-process peers through one mapping")
     with _ep("decode", provider) as target:
         dst = np.zeros(64 * 4096, np.uint8)
         rd = target.register(dst, remote_write=True)
