@@ -5,8 +5,9 @@ transport on the same provider (and the native TCP transport), in one run.
         [--providers "tcp;ofi_rxm,shm"] [--markdown bench-results/fabric_limits.md]
 
 raw         libfabric's own ``fi_pingpong`` (package libfabric-bin): two processes on loopback,
-            RDM endpoints, one message in flight; ``us/msg`` is half a round trip, ``MB/s`` the
-            bytes it moved per second (one direction at a time).
+            pinned to one core each (it spins), RDM endpoints, one message in flight;
+            ``us/msg`` is half a round trip, ``MB/s`` the bytes it moved per second (one
+            direction at a time).
 kvtransfer  two processes, ``Endpoint(transport="fabric", provider=...)``:
             ``lat 4K``    one 4 KiB write and the target's acknowledgement, p50 (a full round
                           trip: compare with twice the raw half round trip);
@@ -58,12 +59,16 @@ def raw_pingpong(provider: str, size: int, iters: int) -> dict:
     port = str(_free_port())
     dom = [] if provider == "shm" else ["-d", "lo"]
     args = [exe, "-p", provider, "-e", "rdm", *dom, "-S", str(size), "-I", str(iters)]
-    server = subprocess.Popen([*args, "-B", port], stdout=subprocess.DEVNULL,
+    # fi_pingpong spins on its CQ: two spinning processes sharing a core measure the scheduler
+    # (seen here: 40 us to 3.9 ms half round trips on tcp). One core each, when there are two.
+    pin = (lambda cpu: ["taskset", "-c", str(cpu)]) if shutil.which("taskset") and \
+        (os.cpu_count() or 1) > 1 else (lambda cpu: [])
+    server = subprocess.Popen([*pin(0), *args, "-B", port], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         for attempt in range(3):  # the server needs a moment to listen on its control port
             time.sleep(0.5 * (attempt + 1))
-            r = subprocess.run([*args, "-P", port, "127.0.0.1"], capture_output=True,
+            r = subprocess.run([*pin(1), *args, "-P", port, "127.0.0.1"], capture_output=True,
                                text=True, timeout=120)
             if r.returncode == 0 or server.poll() is not None:
                 break
@@ -185,7 +190,8 @@ def markdown(rows: list[dict], runs: int, cmd: str, when: str) -> str:
     if spread:
         out += ["", "Spread over the runs (min-max): " + "; ".join(spread) + "."]
     out += ["", "raw: libfabric's fi_pingpong (Debian libfabric-bin "
-            f"{transports.probe().version}), two processes on loopback, one message in flight, "
+            f"{transports.probe().version}), two processes on loopback pinned to a core each "
+            "(it spins; kvtransfer's processes are not pinned and block), one message in flight, "
             "no completion counting or notification; libfabric-bin has no fi_rma_bw here, so "
             "there is no raw streaming figure. kvtransfer: two processes, RMA writes with "
             "remote CQ data, every byte of the 1 MiB writes counted at the target."]
@@ -211,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         raw_runs, our_runs = [], []
         for _ in range(args.runs):
-            lat = raw_pingpong(prov, 4096, 200 if args.quick else 1000)
-            bw = raw_pingpong(prov, MiB, 50 if args.quick else 200)
+            lat = raw_pingpong(prov, 4096, 500 if args.quick else 5000)
+            bw = raw_pingpong(prov, MiB, 50 if args.quick else 300)
             raw_runs.append({"raw_lat4k_us": lat.get("us_per_msg"), "raw_mib_mb_s": bw.get("mb_s"),
                              "error": lat.get("error") or bw.get("error")})
             our_runs.append(ours("fabric", prov, args.quick))
