@@ -1,19 +1,24 @@
 """How fast each libfabric provider moves bytes on this machine, raw, next to kvtransfer's fabric
 transport on the same provider (and the native TCP transport), in one run.
 
-    .venv/bin/python benchmarks/fabric_limits.py [--quick] [--providers "tcp;ofi_rxm,shm"]
+    .venv/bin/python benchmarks/fabric_limits.py [--quick] [--runs 3]
+        [--providers "tcp;ofi_rxm,shm"] [--markdown bench-results/fabric_limits.md]
 
 raw         libfabric's own ``fi_pingpong`` (package libfabric-bin): two processes on loopback,
-            RDM endpoints, one message in flight; ``us/msg`` is half a round trip, ``MB/s`` the
-            bytes it moved per second (one direction at a time).
+            pinned to one core each (it spins), RDM endpoints, one message in flight;
+            ``us/msg`` is half a round trip, ``MB/s`` the bytes it moved per second (one
+            direction at a time).
 kvtransfer  two processes, ``Endpoint(transport="fabric", provider=...)``:
             ``lat 4K``    one 4 KiB write and the target's acknowledgement, p50 (a full round
                           trip: compare with twice the raw half round trip);
             ``1 MiB x1``  1 MiB writes one at a time, each waited for (one in flight, as
                           fi_pingpong);
             ``stream``    256 MiB as one transfer of 1 MiB blocks, GB/s (best of the runs).
-The same three workloads run over ``transport="tcp"``. Prints a table and writes a JSON record
-(with argv) to bench-results/.
+The same three workloads run over ``transport="tcp"``. Every figure is the median of --runs
+runs, each provider's raw and kvtransfer runs interleaved so load drifts hit both alike; ratios
+compare kvtransfer with its provider's raw figure from the same run. Prints a table, writes a
+JSON record (with argv) to bench-results/ and, with --markdown, the table as markdown (the
+"libfabric providers" section of BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -54,12 +59,16 @@ def raw_pingpong(provider: str, size: int, iters: int) -> dict:
     port = str(_free_port())
     dom = [] if provider == "shm" else ["-d", "lo"]
     args = [exe, "-p", provider, "-e", "rdm", *dom, "-S", str(size), "-I", str(iters)]
-    server = subprocess.Popen([*args, "-B", port], stdout=subprocess.DEVNULL,
+    # fi_pingpong spins on its CQ: two spinning processes sharing a core measure the scheduler
+    # (seen here: 40 us to 3.9 ms half round trips on tcp). One core each, when there are two.
+    pin = (lambda cpu: ["taskset", "-c", str(cpu)]) if shutil.which("taskset") and \
+        (os.cpu_count() or 1) > 1 else (lambda cpu: [])
+    server = subprocess.Popen([*pin(0), *args, "-B", port], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
         for attempt in range(3):  # the server needs a moment to listen on its control port
             time.sleep(0.5 * (attempt + 1))
-            r = subprocess.run([*args, "-P", port, "127.0.0.1"], capture_output=True,
+            r = subprocess.run([*pin(1), *args, "-P", port, "127.0.0.1"], capture_output=True,
                                text=True, timeout=120)
             if r.returncode == 0 or server.poll() is not None:
                 break
@@ -130,29 +139,99 @@ def ours(transport: str, provider: str | None, quick: bool) -> dict:
     return out
 
 
+def _median(runs: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+    return float(np.median(vals)) if vals else None
+
+
+def _errors(runs: list[dict]) -> str | None:
+    errs = sorted({r["error"] for r in runs if r.get("error")})
+    return "; ".join(errs) or None
+
+
 def _fmt(v, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, float) and isinstance(b, float) and b else "-"
+
+
+def markdown(rows: list[dict], runs: int, cmd: str, when: str) -> str:
+    """The BENCHMARKS.md section: one line per provider, raw next to kvtransfer, and ratios."""
+    by = {r["system"]: r for r in rows}
+    out = [f"`{cmd}` ({when}; medians of {runs} runs; {os.cpu_count()} cores shared with "
+           "other work, so expect +-15% between runs: read the ratios, which come from the "
+           "same runs)", "",
+           "| provider | raw 4K half-RTT | raw 1 MiB, one in flight | kvtransfer 4K write+ack "
+           "(full RTT) | kvtransfer 1 MiB x1 | kvtransfer stream (1 MiB blocks) | 1 MiB x1 vs raw "
+           "| 4K RTT vs 2x raw half-RTT |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["system"].startswith("kvtransfer "):
+            continue
+        name = r["system"].removeprefix("kvtransfer ")
+        raw = by.get(f"raw fi_pingpong {name.removeprefix('fabric:')}", {})
+        rl, rb = raw.get("raw_lat4k_us"), raw.get("raw_mib_mb_s")
+        out.append(
+            f"| {name} | {_fmt(rl, '.1f')} us | {_fmt(rb, '.0f')} MB/s | "
+            f"{_fmt(r.get('lat4k_us'), '.1f')} us | {_fmt(r.get('mib_x1_mb_s'), '.0f')} MB/s | "
+            f"{_fmt(r.get('stream_gb_s'), '.2f')} GB/s | {_ratio(r.get('mib_x1_mb_s'), rb)} | "
+            f"{_ratio(r.get('lat4k_us'), 2 * rl if isinstance(rl, float) else None)} |"
+            + (f" ({r['error']})" if r.get("error") else ""))
+    spread = []
+    for r in rows:
+        for key, unit in (("raw_mib_mb_s", "MB/s"), ("mib_x1_mb_s", "MB/s"),
+                          ("stream_gb_s", "GB/s")):
+            vals = [x[key] for x in r.get("runs", []) if isinstance(x.get(key), (int, float))]
+            if len(vals) > 1:
+                spread.append(f"{r['system']} {key.removesuffix('_mb_s').removesuffix('_gb_s')} "
+                              f"{min(vals):.4g}-{max(vals):.4g} {unit}")
+    if spread:
+        out += ["", "Spread over the runs (min-max): " + "; ".join(spread) + "."]
+    out += ["", "raw: libfabric's fi_pingpong (Debian libfabric-bin "
+            f"{transports.probe().version}), two processes on loopback pinned to a core each "
+            "(it spins; kvtransfer's processes are not pinned and block), one message in flight, "
+            "no completion counting or notification; libfabric-bin has no fi_rma_bw here, so "
+            "there is no raw streaming figure. kvtransfer: two processes, RMA writes with "
+            "remote CQ data, every byte of the 1 MiB writes counted at the target."]
+    return "\n".join(out)
+
+
+OURS = ("lat4k_us", "mib_x1_mb_s", "stream_gb_s")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--providers", default="tcp;ofi_rxm,udp;ofi_rxd,shm")
     ap.add_argument("--quick", action="store_true", help="fewer iterations, 64 MiB stream")
+    ap.add_argument("--runs", type=int, default=3, help="runs per system; medians reported")
+    ap.add_argument("--markdown", type=Path, help="also write the table as markdown here")
     args = ap.parse_args(argv)
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     have = transports.fabric_providers() if "fabric" in transports.available() else []
     rows = []
     for prov in args.providers.split(","):
         if prov not in have:
-            rows.append({"system": f"fabric:{prov}", "error": "provider not available"})
+            rows.append({"system": f"kvtransfer fabric:{prov}", "error": "provider not available"})
             continue
-        raw_lat = raw_pingpong(prov, 4096, 200 if args.quick else 1000)
-        raw_bw = raw_pingpong(prov, MiB, 50 if args.quick else 200)
-        rows.append({"system": f"raw fi_pingpong {prov}",
-                     "raw_lat4k_us": raw_lat.get("us_per_msg"),
-                     "raw_mib_mb_s": raw_bw.get("mb_s"),
-                     "error": raw_lat.get("error") or raw_bw.get("error")})
-        rows.append({"system": f"kvtransfer fabric:{prov}", **ours("fabric", prov, args.quick)})
-    rows.append({"system": "kvtransfer tcp", **ours("tcp", None, args.quick)})
+        raw_runs, our_runs = [], []
+        for _ in range(args.runs):
+            lat = raw_pingpong(prov, 4096, 500 if args.quick else 5000)
+            bw = raw_pingpong(prov, MiB, 50 if args.quick else 300)
+            raw_runs.append({"raw_lat4k_us": lat.get("us_per_msg"), "raw_mib_mb_s": bw.get("mb_s"),
+                             "error": lat.get("error") or bw.get("error")})
+            our_runs.append(ours("fabric", prov, args.quick))
+        rows.append({"system": f"raw fi_pingpong {prov}", "runs": raw_runs,
+                     "raw_lat4k_us": _median(raw_runs, "raw_lat4k_us"),
+                     "raw_mib_mb_s": _median(raw_runs, "raw_mib_mb_s"), "error": _errors(raw_runs)})
+        rows.append({"system": f"kvtransfer fabric:{prov}", "runs": our_runs,
+                     **{k: _median(our_runs, k) for k in OURS},
+                     "error": _errors(our_runs)})
+    tcp_runs = [ours("tcp", None, args.quick) for _ in range(args.runs)]
+    rows.append({"system": "kvtransfer tcp", "runs": tcp_runs,
+                 **{k: _median(tcp_runs, k) for k in OURS},
+                 "error": _errors(tcp_runs)})
 
     print(f"\n{'system':<30} {'4K half-rtt':>11} {'4K write+ack':>12} {'1 MiB x1':>10} "
           f"{'stream':>10}")
@@ -169,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     path = OUT / f"fabric_limits-{int(time.time())}.json"
     path.write_text(json.dumps(record, indent=1))
     print(f"\nrecord: {path.relative_to(ROOT)}")
+    if args.markdown:
+        cmd = " ".join(["python benchmarks/fabric_limits.py", *(argv if argv is not None
+                                                                 else sys.argv[1:])])
+        args.markdown.write_text(markdown(rows, args.runs, cmd, when) + "\n")
+        print(f"markdown: {args.markdown}")
     return 0
 
 

@@ -98,13 +98,53 @@ def micro_table(path: Path) -> str:
     return "\n".join(out)
 
 
+FABRIC_HEADING = "## libfabric providers: kvtransfer next to each provider's own limit"
+
+
+def fabric_section(quick: bool) -> str:
+    """Runs benchmarks/fabric_limits.py (about 3 minutes) and returns its BENCHMARKS.md section."""
+    out = OUT / "fabric_limits.md"
+    cmd = [PY, "benchmarks/fabric_limits.py", "--runs", "3",
+           "--markdown", str(out.relative_to(ROOT))]
+    if quick:
+        cmd.append("--quick")
+    out.unlink(missing_ok=True)
+    run(cmd)
+    body = out.read_text().strip() if out.exists() else "(fabric_limits.py produced nothing)"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{FABRIC_HEADING}\n\nOn {platform.node() or 'this machine'} ({os.cpu_count()} cores, "
+            f"Linux {platform.release()}; load average after the run {load}; the machine is "
+            f"shared with other work).\n\n{body}\n")
+
+
+def replace_fabric_section(section: str) -> None:
+    """Puts `section` in place of BENCHMARKS.md's libfabric section (or before the notes)."""
+    path = ROOT / "BENCHMARKS.md"
+    doc = path.read_text()
+    if FABRIC_HEADING in doc:
+        head, rest = doc.split(FABRIC_HEADING, 1)
+        nxt = rest.find("\n## ")
+        tail = rest[nxt + 1:] if nxt >= 0 else ""
+    else:
+        marker = "## Where kvtransfer loses"
+        head, tail = (doc.split(marker, 1) if marker in doc else (doc + "\n", ""))
+        tail = marker + tail if tail else ""
+    path.write_text(head + section + ("\n" + tail if tail else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="3 reps, fewer workloads")
     ap.add_argument("--skip-peers", action="store_true")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--only-fabric", action="store_true",
+                    help="rerun only the libfabric providers section of BENCHMARKS.md")
     args = ap.parse_args(argv)
     OUT.mkdir(exist_ok=True)
+    if args.only_fabric:
+        replace_fabric_section(fabric_section(args.quick))
+        print("updated the libfabric section of BENCHMARKS.md")
+        return 0
     reps = "3" if args.quick else "5"
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     bench = [PY, "-m", "kvtransfer.bench", "--reps", reps]
@@ -138,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     micro_cmd = [PY, "-m", "pytest", "-q", "benchmarks", "-p", "no:cacheprovider",
                  f"--benchmark-json={OUT / 'micro.json'}", "--benchmark-min-rounds=5"]
     run(micro_cmd)
+    fabric = fabric_section(args.quick)
     ttft = ""
     if not args.skip_vllm and (ROOT / ".venv-vllm").exists():
         ttft_cmd = [PY, "benchmarks/vllm_ttft.py", "--out", str(OUT / "vllm_ttft.json")]
@@ -225,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if ttft:
         md += ["## vLLM: decode time-to-first-token, kvtransfer pull vs recompute", "", ttft, ""]
+    md += [fabric]
     extra = ROOT / "benchmarks" / "NOTES.md"
     if extra.exists():
         md += [extra.read_text()]

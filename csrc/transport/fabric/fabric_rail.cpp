@@ -6,6 +6,8 @@
 #include <cstring>
 #include <random>
 
+#include <unistd.h>
+
 #include "core/error.h"
 #include "transport/fabric/fabric_mr.h"
 #include "transport/fabric/fabric_wire.h"
@@ -87,8 +89,8 @@ void Rail::open() {
                                       fi_strerror(rc < 0 ? -rc : rc));
     }
   };
-  check(fi_fabric(info_->fabric_attr, &fabric_, nullptr), "fi_fabric");
-  check(fi_domain(fabric_, info_.get(), &domain_, nullptr), "fi_domain");
+  check(fi_fabric(info_->fabric_attr, &obj_->fabric, nullptr), "fi_fabric");
+  check(fi_domain(obj_->fabric, info_.get(), &obj_->domain, nullptr), "fi_domain");
 
   struct fi_cq_attr cq_attr{};
   cq_attr.format = FI_CQ_FORMAT_DATA;
@@ -101,51 +103,54 @@ void Rail::open() {
   cq_attr.wait_obj = can_block ? FI_WAIT_UNSPEC : FI_WAIT_NONE;
   cq_waits_ = can_block;
   post_inline_ = can_block && !std::getenv("KVT_NOINLINE");  // shm: only the completion thread calls into the provider
-  int rc = fi_cq_open(domain_, &cq_attr, &cq_, nullptr);
+  int rc = fi_cq_open(obj_->domain, &cq_attr, &obj_->cq, nullptr);
   if (rc != 0 && can_block) {  // no wait objects (EFA before 2.4): poll with back-off instead
     cq_attr.wait_obj = FI_WAIT_NONE;
     cq_waits_ = false;
-    rc = fi_cq_open(domain_, &cq_attr, &cq_, nullptr);
+    rc = fi_cq_open(obj_->domain, &cq_attr, &obj_->cq, nullptr);
   }
   check(rc, "fi_cq_open");
 
   struct fi_av_attr av_attr{};
   av_attr.type = info_->domain_attr->av_type == FI_AV_MAP ? FI_AV_MAP : FI_AV_TABLE;
   av_attr.count = 64;
-  check(fi_av_open(domain_, &av_attr, &av_, nullptr), "fi_av_open");
-  check(fi_endpoint(domain_, info_.get(), &ep_, nullptr), "fi_endpoint");
-  check(fi_ep_bind(ep_, &cq_->fid, FI_TRANSMIT | FI_RECV), "binding the completion queue");
-  check(fi_ep_bind(ep_, &av_->fid, 0), "binding the address vector");
-  check(fi_enable(ep_), "fi_enable");
+  check(fi_av_open(obj_->domain, &av_attr, &obj_->av, nullptr), "fi_av_open");
+  check(fi_endpoint(obj_->domain, info_.get(), &obj_->ep, nullptr), "fi_endpoint");
+  check(fi_ep_bind(obj_->ep, &obj_->cq->fid, FI_TRANSMIT | FI_RECV), "binding the completion queue");
+  check(fi_ep_bind(obj_->ep, &obj_->av->fid, 0), "binding the address vector");
+  check(fi_enable(obj_->ep), "fi_enable");
 
   size_t len = 0;
   std::vector<char> name(256);
   len = name.size();
-  rc = fi_getname(&ep_->fid, name.data(), &len);
+  rc = fi_getname(&obj_->ep->fid, name.data(), &len);
   if (rc == -FI_ETOOSMALL) {
     name.resize(len);
-    rc = fi_getname(&ep_->fid, name.data(), &len);
+    rc = fi_getname(&obj_->ep->fid, name.data(), &len);
   }
   check(rc, "fi_getname");
   address_.assign(name.data(), len);
 
   send_slots_ = std::min(kSendSlots, limits_.tx_depth);
   recv_slots_ = std::min<size_t>(kRecvSlots, std::max<size_t>(1, info_->rx_attr->size));
-  arena_.assign((send_slots_ + recv_slots_) * kMaxMsgBytes, 0);
+  obj_->arena.assign((send_slots_ + recv_slots_) * kMaxMsgBytes, 0);
   if (limits_.mr_mode & FI_MR_LOCAL) {
     std::random_device rd;
     uint64_t key = (static_cast<uint64_t>(rd()) << 32) | rd();
-    arena_mr_ = register_memory(*this, arena_.data(), arena_.size(), FI_SEND | FI_RECV, key);
-    arena_desc_ = fi_mr_desc(arena_mr_);
+    obj_->arena_mr = register_memory(*this, obj_->arena.data(), obj_->arena.size(), FI_SEND | FI_RECV, key);
+    arena_desc_ = fi_mr_desc(obj_->arena_mr);
   }
   credits_ = limits_.tx_depth;
   for (size_t s = 0; s < send_slots_; ++s) free_sends_.push_back(static_cast<int>(s));
-  recvs_.resize(recv_slots_);
+  obj_->recvs.resize(recv_slots_);
   for (size_t r = 0; r < recv_slots_; ++r) {
-    recvs_[r].buf = static_cast<int>(send_slots_ + r);
-    repost_.push_back(&recvs_[r]);
+    obj_->recvs[r].buf = static_cast<int>(send_slots_ + r);
+    repost_.push_back(&obj_->recvs[r]);
   }
   post_receives();
+  const std::string prov = info_->fabric_attr->prov_name;
+  shares_local_memory_ = prov == "shm" || prov == "efa";
+  if (shares_local_memory_) LocalPeers::instance().opened(address_);
   thread_ = std::thread([this] { completion_loop(); });
 }
 
@@ -153,6 +158,7 @@ void Rail::open() {
 // 10,000 times reuses one entry instead of churning the AV (shm's holds only a few hundred).
 fi_addr_t Rail::insert(const std::string& raw) {
   std::lock_guard<std::mutex> serial(av_mu_);
+  if (stopping_) fail(ErrorCode::kTransport, "the " + describe() + " endpoint is closing");
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = by_raw_.find(raw);
@@ -168,12 +174,13 @@ fi_addr_t Rail::insert(const std::string& raw) {
   int rc;
   {
     std::lock_guard<std::mutex> post(post_mu_);
-    rc = fi_av_insert(av_, buf.data(), 1, &addr, 0, nullptr);
+    rc = fi_av_insert(obj_->av, buf.data(), 1, &addr, 0, nullptr);
   }
   if (rc != 1 || addr == FI_ADDR_NOTAVAIL) {
     fail(ErrorCode::kTransport, "the peer's address was refused by " + describe() + ": " +
                                     (rc < 0 ? fi_strerror(-rc) : "not inserted"));
   }
+  if (shares_local_memory_) LocalPeers::instance().inserted(raw);
   std::lock_guard<std::mutex> lock(mu_);
   by_raw_[raw] = AvEntry{addr, 1};
   raw_of_[addr] = raw;
@@ -182,7 +189,7 @@ fi_addr_t Rail::insert(const std::string& raw) {
   if (std::strcmp(info_->fabric_attr->prov_name, "shm") == 0 &&
       raw.compare(0, sizeof kShm - 1, kShm) == 0) {
     int pid = std::atoi(raw.c_str() + sizeof kShm - 1);
-    if (pid > 0) processes_[addr] = PeerProcess{pid, {}, true};
+    if (pid > 0) processes_[addr] = PeerProcess{pid, {}, true, raw};
   }
   return addr;
 }
@@ -192,6 +199,7 @@ fi_addr_t Rail::insert(const std::string& raw) {
 // posts to it. Never post to a process that is gone (checked at most every 2 ms per peer).
 bool Rail::peer_gone(fi_addr_t addr, std::string* why) {
   int pid = 0;
+  std::string raw;
   {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = processes_.find(addr);
@@ -204,7 +212,12 @@ bool Rail::peer_gone(fi_addr_t addr, std::string* why) {
     } else {
       it->second.checked = now;
       pid = it->second.pid;
+      raw = it->second.raw;
     }
+  }
+  if (pid == getpid() && LocalPeers::instance().parked(raw)) {
+    *why = "the peer endpoint (in this process) is closed";
+    return true;
   }
   char path[64];
   std::snprintf(path, sizeof path, "/proc/%d/stat", pid);
@@ -239,7 +252,7 @@ void Rail::remove(fi_addr_t addr) {
 }
 
 void Rail::forget_due() {
-  std::vector<fi_addr_t> due;
+  std::vector<std::pair<fi_addr_t, std::string>> due;
   std::lock_guard<std::mutex> serial(av_mu_);
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -252,14 +265,20 @@ void Rail::forget_due() {
       auto it = by_raw_.find(raw->second);
       if (it != by_raw_.end() && it->second.refs > 0) continue;  // used again meanwhile
       if (it != by_raw_.end()) by_raw_.erase(it);
+      due.emplace_back(a, raw->second);
       raw_of_.erase(raw);
       processes_.erase(a);
-      due.push_back(a);
     }
   }
-  for (fi_addr_t a : due) {
-    std::lock_guard<std::mutex> post(post_mu_);
-    fi_av_remove(av_, &a, 1, 0);
+  for (auto& [a, raw] : due) {
+    {
+      std::lock_guard<std::mutex> post(post_mu_);
+      fi_av_remove(obj_->av, &a, 1, 0);
+    }
+    // The last entry naming a parked same-process endpoint: nothing reaches it any more.
+    if (shares_local_memory_) {
+      if (auto parked = LocalPeers::instance().removed(raw)) parked->close();
+    }
   }
 }
 
@@ -278,14 +297,14 @@ ssize_t Rail::post(OpCtx* op, int send_slot) {
       m.context = op;
       m.data = u->imm;
       const uint64_t dc = limits_.delivery_complete ? FI_DELIVERY_COMPLETE : 0;
-      return op->kind == CtxKind::kWrite ? fi_writemsg(ep_, &m, FI_REMOTE_CQ_DATA | dc)
-                                         : fi_readmsg(ep_, &m, 0);
+      return op->kind == CtxKind::kWrite ? fi_writemsg(obj_->ep, &m, FI_REMOTE_CQ_DATA | dc)
+                                         : fi_readmsg(obj_->ep, &m, 0);
     }
     case CtxKind::kSend: {
       auto* s = static_cast<SendCtx*>(op);
-      char* buf = arena_.data() + static_cast<size_t>(send_slot) * kMaxMsgBytes;
+      char* buf = obj_->arena.data() + static_cast<size_t>(send_slot) * kMaxMsgBytes;
       std::memcpy(buf, s->bytes.data(), s->bytes.size());
-      return fi_send(ep_, buf, s->bytes.size(), arena_desc_, s->dest, op);
+      return fi_send(obj_->ep, buf, s->bytes.size(), arena_desc_, s->dest, op);
     }
     case CtxKind::kRecv:
       break;
@@ -369,7 +388,7 @@ void Rail::submit(const std::vector<OpCtx*>& ops) {
   }
   const bool busy = post_inline_ ? !pump() : false;
   if (cq_waits_) {
-    if (busy) fi_cq_signal(cq_);  // the provider pushed back: have the thread retry soon
+    if (busy) fi_cq_signal(obj_->cq);  // the provider pushed back: have the thread retry soon
   } else if (!ops.empty() || busy) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -409,11 +428,11 @@ void Rail::post_receives() {
   std::vector<RecvCtx*> again;
   for (size_t k = 0; k < todo.size(); ++k) {
     RecvCtx* r = todo[k];
-    char* buf = arena_.data() + static_cast<size_t>(r->buf) * kMaxMsgBytes;
+    char* buf = obj_->arena.data() + static_cast<size_t>(r->buf) * kMaxMsgBytes;
     ssize_t rc;
     {
       std::lock_guard<std::mutex> serial(post_mu_);
-      rc = fi_recv(ep_, buf, kMaxMsgBytes, arena_desc_, FI_ADDR_UNSPEC, r);
+      rc = fi_recv(obj_->ep, buf, kMaxMsgBytes, arena_desc_, FI_ADDR_UNSPEC, r);
     }
     if (rc == -FI_EAGAIN) {
       again.assign(todo.begin() + static_cast<long>(k), todo.end());
@@ -455,7 +474,7 @@ std::string Rail::debug_state() {
 
 std::string Rail::strerror_cq(int prov_errno, const void* err_data) const {
   char buf[256] = {0};
-  const char* s = fi_cq_strerror(cq_, prov_errno, err_data, buf, sizeof buf);
+  const char* s = fi_cq_strerror(obj_->cq, prov_errno, err_data, buf, sizeof buf);
   return s ? s : "";
 }
 
@@ -470,7 +489,7 @@ void Rail::handle(const fi_cq_data_entry& e) {
   if (op == nullptr) return;
   if (op->kind == CtxKind::kRecv) {
     auto* r = static_cast<RecvCtx*>(op);
-    const char* buf = arena_.data() + static_cast<size_t>(r->buf) * kMaxMsgBytes;
+    const char* buf = obj_->arena.data() + static_cast<size_t>(r->buf) * kMaxMsgBytes;
     events_.on_message(*this, buf, std::min<size_t>(e.len, kMaxMsgBytes));
     repost(r);
     return;
@@ -481,7 +500,7 @@ void Rail::handle(const fi_cq_data_entry& e) {
 
 void Rail::handle_error() {
   struct fi_cq_err_entry err{};
-  ssize_t rc = fi_cq_readerr(cq_, &err, 0);
+  ssize_t rc = fi_cq_readerr(obj_->cq, &err, 0);
   if (rc < 0) return;
   std::string why = fi_strerror(err.err);
   std::string detail = strerror_cq(err.prov_errno, err.err_data);
@@ -515,9 +534,9 @@ void Rail::completion_loop() {
     }
     ssize_t n;
     if (cq_waits_) {
-      n = fi_cq_sread(cq_, entries, kCqBatch, nullptr, timeout);
+      n = fi_cq_sread(obj_->cq, entries, kCqBatch, nullptr, timeout);
     } else {
-      n = fi_cq_read(cq_, entries, kCqBatch);
+      n = fi_cq_read(obj_->cq, entries, kCqBatch);
       if (n == -FI_EAGAIN) {
         backoff = std::min<std::chrono::microseconds>(
             std::max<std::chrono::microseconds>(backoff * 2, std::chrono::microseconds(10)),
@@ -561,7 +580,7 @@ void Rail::stop() {
   }
   wake_.notify_all();
   if (thread_.joinable()) {
-    if (cq_ && cq_waits_) fi_cq_signal(cq_);
+    if (obj_ && obj_->cq && cq_waits_) fi_cq_signal(obj_->cq);
     std::unique_lock<std::mutex> lock(mu_);
     bool done = exited_cv_.wait_for(lock, kStopGrace, [&] { return exited_; });
     lock.unlock();
@@ -576,24 +595,43 @@ void Rail::stop() {
                    describe().c_str());
     }
   }
-  if (ep_ && !abandoned_) {
-    fi_close(&ep_->fid);
-    ep_ = nullptr;
+  if (abandoned_ || !obj_) return;
+  if (shares_local_memory_ && obj_->ep) {
+    retire_local();
+  } else if (obj_->ep) {
+    fi_close(&obj_->ep->fid);
+    obj_->ep = nullptr;
+  }
+}
+
+void Rail::retire_local() {
+  std::vector<std::pair<fi_addr_t, std::string>> entries;
+  {
+    std::lock_guard<std::mutex> serial(av_mu_);
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [raw, e] : by_raw_) entries.emplace_back(e.addr, raw);
+    by_raw_.clear();
+    raw_of_.clear();
+    processes_.clear();
+    forget_.clear();
+  }
+  // Our entries go first, while every endpoint they name is still mapped (they wait for us).
+  std::vector<std::unique_ptr<RailObjects>> unparked;
+  for (auto& [a, raw] : entries) {
+    fi_av_remove(obj_->av, &a, 1, 0);
+    if (auto parked = LocalPeers::instance().removed(raw)) unparked.push_back(std::move(parked));
+  }
+  for (auto& o : unparked) o->close();
+  obj_ = LocalPeers::instance().retire(address_, std::move(obj_));
+  if (obj_ && obj_->ep) {
+    fi_close(&obj_->ep->fid);
+    obj_->ep = nullptr;
   }
 }
 
 void Rail::close() {
-  if (abandoned_) return;
-  if (arena_mr_) fi_close(&arena_mr_->fid);
-  arena_mr_ = nullptr;
-  if (av_) fi_close(&av_->fid);
-  av_ = nullptr;
-  if (cq_) fi_close(&cq_->fid);
-  cq_ = nullptr;
-  if (domain_) fi_close(&domain_->fid);
-  domain_ = nullptr;
-  if (fabric_) fi_close(&fabric_->fid);
-  fabric_ = nullptr;
+  if (abandoned_ || !obj_) return;
+  obj_->close();
 }
 
 }  // namespace kvt::fabric

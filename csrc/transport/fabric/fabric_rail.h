@@ -36,6 +36,7 @@
 
 #include "transport/fabric/fabric_api.h"
 #include "transport/fabric/fabric_info.h"
+#include "transport/fabric/fabric_local_peers.h"
 #include "transport/fabric/fabric_ops.h"
 
 namespace kvt::fabric {
@@ -87,8 +88,8 @@ class Rail {
   const std::string& raw_address() const { return address_; }
   const RailLimits& limits() const { return limits_; }
   const fi_info* info() const { return info_.get(); }
-  fid_domain* domain() const { return domain_; }
-  fid_ep* ep() const { return ep_; }
+  fid_domain* domain() const { return obj_ ? obj_->domain : nullptr; }
+  fid_ep* ep() const { return obj_ ? obj_->ep : nullptr; }
   std::string describe() const;  // "shm on shm (tx depth 1024, iov 4/4, mr_mode [...])"
 
   // Inserts a peer's raw address (or counts another use of it); throws TransportError.
@@ -105,7 +106,8 @@ class Rail {
   // Re-examines the queue (drops ops of ended batches) from the calling thread.
   void kick();
 
-  // Stops the completion thread and closes the endpoint: nothing completes afterwards.
+  // Stops the completion thread and closes the endpoint (shm, efa: or parks it, see
+  // fabric_local_peers.h): nothing completes afterwards.
   void stop();
   // stop() had to leave a thread stuck inside the provider: nothing of this rail may be freed.
   bool abandoned() const { return abandoned_; }
@@ -135,6 +137,9 @@ class Rail {
   void release(OpCtx* op);  // returns a credit (and a send slot)
   void repost(RecvCtx* r);
   void forget_due();
+  // shm/efa, after the completion thread stopped: empties our AV, then closes the endpoint or
+  // parks it while other rails of this process still address it.
+  void retire_local();
 
   const uint32_t index_;
   InfoPtr info_;
@@ -143,23 +148,19 @@ class Rail {
   std::string domain_name_;
   std::string address_;
 
-  fid_fabric* fabric_ = nullptr;
-  fid_domain* domain_ = nullptr;
-  fid_cq* cq_ = nullptr;
-  fid_av* av_ = nullptr;
-  fid_ep* ep_ = nullptr;
-  fid_mr* arena_mr_ = nullptr;
+  // Its libfabric objects; handed to LocalPeers when a same-process peer still addresses them.
+  std::unique_ptr<RailObjects> obj_ = std::make_unique<RailObjects>();
+  // shm, efa: peers in this process share our mapped memory (see fabric_local_peers.h).
+  bool shares_local_memory_ = false;
   void* arena_desc_ = nullptr;
   bool cq_waits_ = true;  // false: no wait objects, poll with back-off
   // Callers of submit() post themselves (else they only queue and wake the completion thread:
   // shm, where a provider call can spin forever on a dead peer's lock - never a user's thread).
   bool post_inline_ = true;
 
-  // Message arena: send slots then receive slots, kMaxMsgBytes each.
-  std::vector<char> arena_;
+  // Message arena (obj_->arena): send slots then receive slots, kMaxMsgBytes each.
   size_t send_slots_ = 0;
   size_t recv_slots_ = 0;
-  std::vector<RecvCtx> recvs_;
 
   std::mutex post_mu_;  // around each post / receive / AV call into the provider (never with mu_)
   std::mutex mu_;  // queue_, credits_, free_sends_, busy_, repost_, forget_
@@ -181,6 +182,7 @@ class Rail {
     int pid = 0;
     std::chrono::steady_clock::time_point checked;
     bool alive = true;
+    std::string raw;  // its address: a parked endpoint of this process is gone too
   };
   std::map<fi_addr_t, PeerProcess> processes_;  // under mu_
   struct AvEntry {
