@@ -23,7 +23,7 @@ suite "unit + integration" $PY -m pytest -q -m "not vllm" tests -p no:cacheprovi
 # build or host lacks is skipped by the suite itself, with the reason.
 mkdir -p bench-results
 conformance_xml=()
-for t in tcp fabric:tcp fabric:udp fabric:shm; do
+for t in tcp cma fabric:tcp fabric:udp fabric:shm; do
   suite "conformance --transport $t" bash -c \
     "cd /tmp && '$PWD/$PY' -m pytest -q -p no:cacheprovider --pyargs kvtransfer.testing \
      --transport $t --junitxml='$PWD/bench-results/conformance-${t//:/_}.xml'"
