@@ -56,27 +56,39 @@ def transfer_table(recs: list[dict]) -> str:
     return "\n".join(out)
 
 
+# (label, our system, the peers it is held against): the two comparisons.
+COMPARISONS = [
+    ("kvtransfer tcp", "kvtransfer-tcp", "best TCP peer", ("nixl-ucx-tcp", "mooncake-tcp")),
+    ("kvtransfer cma", "kvtransfer-cma", "NIXL same-host", ("nixl-ucx-default",)),
+]
+
+
+def _ratio(w: str, here: list[dict], label: str, ours_name: str, peers_label: str,
+           peer_names: tuple[str, ...]) -> str | None:
+    ours = next((r for r in here if r["system"] == ours_name), None)
+    peers = [r for r in here if r["system"] in peer_names]
+    if not ours or not peers:
+        return None
+    if ours["blocks"] == 1:
+        best = min(peers, key=lambda r: r["latency_s_p50"])
+        return (f"- {w}: {label} {ours['latency_s_p50'] * 1e6:.0f} µs vs {peers_label} "
+                f"({best['system']}) {best['latency_s_p50'] * 1e6:.0f} µs "
+                f"(**{best['latency_s_p50'] / ours['latency_s_p50']:.1f}x** faster)")
+    best = max(peers, key=lambda r: r["gbps_p50"])
+    return (f"- {w}: {label} / {peers_label} ({best['system']}) = "
+            f"**{ours['gbps_p50'] / best['gbps_p50']:.2f}x**")
+
+
 def ratio_lines(recs: list[dict]) -> str:
     rows = [r for r in recs if "gbps_p50" in r and r.get("workload") != "limits"]
     lines = []
     for w in dict.fromkeys(r["workload"] for r in rows):
         here = [r for r in rows if r["workload"] == w]
-        ours = next((r for r in here if r["system"] == "kvtransfer-tcp"), None)
-        tcp_peers = [r for r in here if r["system"] in ("nixl-ucx-tcp", "mooncake-tcp")]
-        if not ours or not tcp_peers:
-            continue
-        if ours["blocks"] == 1:
-            best = min(tcp_peers, key=lambda r: r["latency_s_p50"])
-            lines.append(f"- {w}: kvtransfer tcp {ours['latency_s_p50'] * 1e6:.0f} µs vs best TCP "
-                         f"peer {best['system']} {best['latency_s_p50'] * 1e6:.0f} µs "
-                         f"(**{best['latency_s_p50'] / ours['latency_s_p50']:.1f}x** faster)")
-        else:
-            best = max(tcp_peers, key=lambda r: r["gbps_p50"])
-            lines.append(f"- {w}: kvtransfer tcp / best TCP peer ({best['system']}) = "
-                         f"**{ours['gbps_p50'] / best['gbps_p50']:.2f}x**")
-        cpu = [f"{r['system']} {r['cpu_s_per_gb_initiator']:.2f}/{r['cpu_s_per_gb_target']:.2f}"
-               for r in here if ours["blocks"] > 1]
-        if cpu:
+        found = [line for c in COMPARISONS if (line := _ratio(w, here, *c))]
+        lines.extend(found)
+        if found and here[0]["blocks"] > 1:
+            cpu = [f"{r['system']} {r['cpu_s_per_gb_initiator']:.2f}/{r['cpu_s_per_gb_target']:.2f}"
+                   for r in here]
             lines.append(f"  CPU s/GB initiator/target: {', '.join(cpu)}")
     return "\n".join(lines)
 
@@ -152,14 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     for f in OUT.glob("*.jsonl"):
         f.unlink()
 
-    main_cmd = [*bench, *peers, "--limits", "--transport", "tcp,fabric:shm",
+    main_cmd = [*bench, *peers, "--limits", "--transport", "tcp,cma,fabric:shm",
                 "--json", str(OUT / "transfers.jsonl"), "--plot", "docs/bench"]
     run(main_cmd)
-    sweep_cmd = [*bench, "--sweep", "--patterns", "random", "--transport", "tcp", *peers,
+    sweep_cmd = [*bench, "--sweep", "--patterns", "random", "--transport", "tcp,cma", *peers,
                  "--limits", "--json", str(OUT / "sweep.jsonl"), "--plot", "docs/bench"]
     run(sweep_cmd)
     modes_cmd = [*bench, *peers, "--workloads", "4MiBx64,64KiBx4096,latency", "--op",
-                 "write,read", "--mode", "whole,streamed", "--layers", "32", "--transport", "tcp",
+                 "write,read", "--mode", "whole,streamed", "--layers", "32",
+                 "--transport", "tcp,cma",
                  "--json", str(OUT / "modes.jsonl"), "--plot", "docs/bench/modes"]
     run(modes_cmd)
     sys.path.insert(0, str(ROOT))  # the children run from ROOT; this process from benchmarks/

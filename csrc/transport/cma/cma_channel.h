@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "net/socket.h"
+#include "wire/data_frame.h"
 
 namespace kvt::cma {
 
@@ -17,8 +18,11 @@ enum class MsgType : uint32_t {
   kHello = 1,    // initiator -> target: slot = session token
   kWelcome = 2,  // target -> initiator: two fds (table, busy board)
   kDenied = 3,   // target -> initiator: text says why
-  kArrived = 4,  // initiator -> target: arg units of transfer `slot` are in target memory
+  kArrived = 4,  // initiator -> target: arg units of transfer `slot` are in target memory;
+                 // text, when not empty, is the transfer's BEGIN (TransportCaps::carries_begin)
   kRefused = 5,  // initiator -> target: transfer `slot` refused (arg: ErrorCode), text says why
+  kBegin = 6,    // initiator -> target: text is the BEGIN of a carried-BEGIN op that failed,
+                 // ahead of its kRefused, so the target can fail the transfer it names
 };
 
 struct Msg {
@@ -29,7 +33,8 @@ struct Msg {
   std::vector<int> fds;  // received descriptors, owned by the receiver
 };
 
-constexpr size_t kMaxText = 1024;
+constexpr size_t kMaxText = 8192;
+static_assert(kMaxText >= wire::kMaxBeginBytes, "a BEGIN body must fit in one record");
 
 net::Socket listen_abstract(const std::string& name);
 // Connects to abstract socket `name`; throws TransportError saying what the failure means.

@@ -193,7 +193,7 @@ void CmaLink::run_unit(CmaOp& op, uint32_t i) {
   }
   try {
     // Every unit's copy returned, so all of the op's bytes are in the target's memory.
-    send_msg(sock_, MsgType::kArrived, op.units, op.slot);
+    send_msg(sock_, MsgType::kArrived, op.units, op.slot, op.begin);
   } catch (const Error& e) {
     broken(e);
   }
@@ -253,8 +253,10 @@ void CmaLink::fail_op(CmaOp& op, const Error& e) {
   if (op.failed.exchange(true)) return;
   sink_.on_op_failed(op.slot, e);
   if (op.kind != OpKind::kWrite || failed_.load()) return;
-  // The target has the transfer's BEGIN; it must fail it too rather than wait for its deadline.
+  // The target must fail the transfer too rather than wait for its deadline; a BEGIN this op
+  // carried has not reached it yet.
   try {
+    if (!op.begin.empty()) send_msg(sock_, MsgType::kBegin, 0, op.slot, op.begin);
     send_msg(sock_, MsgType::kRefused, static_cast<uint32_t>(e.code()), op.slot, e.what());
   } catch (const Error& se) {
     broken(se);

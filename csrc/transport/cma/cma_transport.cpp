@@ -104,6 +104,7 @@ TransportCaps CmaTransport::caps() const {
   c.rdma_read = true;
   c.ordered = false;  // units are copied by several threads
   c.software_key_check = true;
+  c.carries_begin = true;  // in the kArrived record: one message per small write
   return c;
 }
 
@@ -278,7 +279,10 @@ void CmaTransport::serve_records(Session& s) {
   while (recv_msg(s.sock, m)) {
     for (int fd : m.fds) ::close(fd);
     if (m.type == MsgType::kArrived) {
+      if (!m.text.empty()) ctx_.sink.on_begin(s.peer, m.text);
       ctx_.sink.on_arrival(s.peer, m.slot, m.arg);
+    } else if (m.type == MsgType::kBegin) {
+      ctx_.sink.on_begin(s.peer, m.text);
     } else if (m.type == MsgType::kRefused) {
       auto code = static_cast<ErrorCode>(m.arg);
       if (code < ErrorCode::kInvalidRequest || code > ErrorCode::kProtocol) code = ErrorCode::kProtocol;
