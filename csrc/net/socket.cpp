@@ -23,7 +23,8 @@ namespace {
   fail(ErrorCode::kTransport, what + ": " + op + " failed: " + std::strerror(err));
 }
 
-// Advances an iovec array past `done` bytes; returns the new first index.
+}  // namespace
+
 size_t advance(struct iovec* iov, size_t n, size_t first, size_t done) {
   while (first < n && done >= iov[first].iov_len) {
     done -= iov[first].iov_len;
@@ -35,8 +36,6 @@ size_t advance(struct iovec* iov, size_t n, size_t first, size_t done) {
   }
   return first;
 }
-
-}  // namespace
 
 Socket& Socket::operator=(Socket&& o) noexcept {
   if (this != &o) {

@@ -45,4 +45,8 @@ std::string local_address(const Socket& s);      // "host:port" actually bound
 Socket connect_tcp(const HostPort& hp, double timeout_s);
 void set_nodelay(const Socket& s);
 
+// Advances an iovec array past `done` bytes (a short read, write or copy); returns the new
+// first index. The entry it stops in is trimmed in place.
+size_t advance(struct iovec* iov, size_t n, size_t first, size_t done);
+
 }  // namespace kvt::net

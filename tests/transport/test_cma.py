@@ -130,6 +130,17 @@ def _stop_mid_copy(pid: int) -> None:
     pytest.fail("never caught the initiator inside a copy")
 
 
+def _start_writing_forever(spawn, target, region, dst):
+    """A peer process writing `dst` in a loop, returned once its first bytes have landed."""
+    proc, conn = spawn(write_forever, target.info(), region.id, dst.nbytes)
+    assert conn.recv() == "connected"
+    deadline = time.monotonic() + 10
+    while not dst[:MiB].any():
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    return proc, conn
+
+
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall number is x86_64's")
 def test_deregistration_waits_for_a_copy_under_way(spawn):
     """An initiator stopped inside a copy (SIGSTOP lands as its process_vm_writev returns,
@@ -138,12 +149,7 @@ def test_deregistration_waits_for_a_copy_under_way(spawn):
     with _ep("decode", timeout=1.0) as target:
         dst = np.zeros(256 * MiB, np.uint8)
         rd = target.register(dst, remote_write=True)
-        proc, conn = spawn(write_forever, target.info(), rd.id, dst.nbytes)
-        assert conn.recv() == "connected"
-        deadline = time.monotonic() + 10
-        while not dst[:MiB].any():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        proc, conn = _start_writing_forever(spawn, target, rd, dst)
         _stop_mid_copy(proc.pid)
         try:
             t0 = time.monotonic()
@@ -164,12 +170,7 @@ def test_a_killed_initiator_does_not_wedge_deregistration(spawn):
     with _ep("decode", timeout=10.0) as target:
         dst = np.zeros(256 * MiB, np.uint8)
         rd = target.register(dst, remote_write=True)
-        proc, conn = spawn(write_forever, target.info(), rd.id, dst.nbytes)
-        assert conn.recv() == "connected"
-        deadline = time.monotonic() + 10
-        while not dst[:MiB].any():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        proc, conn = _start_writing_forever(spawn, target, rd, dst)
         _stop_mid_copy(proc.pid)  # its copy's in-flight mark is never released now
         os.kill(proc.pid, signal.SIGKILL)
         proc.join(5)

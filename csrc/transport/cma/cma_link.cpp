@@ -32,19 +32,6 @@ struct CmaOp : public PreparedOp {
 
 namespace {
 
-// Advances an iovec array past `done` bytes; returns the new first index.
-size_t advance(struct iovec* iov, size_t n, size_t first, size_t done) {
-  while (first < n && done >= iov[first].iov_len) {
-    done -= iov[first].iov_len;
-    ++first;
-  }
-  if (first < n && done > 0) {
-    iov[first].iov_base = static_cast<char*>(iov[first].iov_base) + done;
-    iov[first].iov_len -= done;
-  }
-  return first;
-}
-
 char* end_of(const struct iovec& v) { return static_cast<char*>(v.iov_base) + v.iov_len; }
 
 }  // namespace
@@ -225,8 +212,8 @@ void CmaLink::copy_unit(CmaOp& op, uint32_t i) {
     }
     // A short count: the kernel stopped at an iovec it could not access; the retry says why.
     done += static_cast<uint64_t>(n);
-    lf = advance(liov, ln, lf, static_cast<size_t>(n));
-    rf = advance(riov, rn, rf, static_cast<size_t>(n));
+    lf = net::advance(liov, ln, lf, static_cast<size_t>(n));
+    rf = net::advance(riov, rn, rf, static_cast<size_t>(n));
   }
   table_->release(g);
   if (err == 0) return;
