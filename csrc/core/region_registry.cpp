@@ -85,17 +85,19 @@ bool RegionRegistry::contains(uint32_t id) const {
   return regions_.count(id) != 0;
 }
 
-void RegionRegistry::set_rkey(uint32_t id, std::string rkey) {
+void RegionRegistry::publish(uint32_t id, std::string rkey) {
   std::lock_guard<std::mutex> lock(mu_);
   auto it = regions_.find(id);
-  if (it != regions_.end()) it->second->rkey = std::move(rkey);
+  if (it == regions_.end()) return;
+  it->second->rkey = std::move(rkey);
+  it->second->published = true;
 }
 
 std::vector<RemoteRegion> RegionRegistry::exposed() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<RemoteRegion> out;
   for (const auto& [id, r] : regions_) {
-    if (!r->remote_write && !r->remote_read) continue;
+    if (!r->published || (!r->remote_write && !r->remote_read)) continue;
     out.push_back(RemoteRegion{id, r->key, r->nbytes, reinterpret_cast<uint64_t>(r->base),
                                r->remote_write, r->remote_read, r->rkey});
   }

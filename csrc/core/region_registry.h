@@ -19,6 +19,9 @@ struct Region {
   bool remote_write = false;
   bool remote_read = false;
   std::string rkey;  // transport-specific remote key bytes (empty for TCP)
+  // Set once the transport has prepared it for remote access: only then is it listed to peers,
+  // so no peer learns of a region a transport (cma's table, fabric's MRs) does not hold yet.
+  bool published = false;
 };
 
 // What a peer advertises about one of its regions.
@@ -46,7 +49,8 @@ class RegionRegistry {
   std::shared_ptr<const Region> lookup(uint32_t id) const;
   std::shared_ptr<const Region> check(uint32_t id, uint64_t key, Access access) const;
   bool contains(uint32_t id) const;
-  void set_rkey(uint32_t id, std::string rkey);
+  // Records the transport's remote key and lists the region to peers from now on.
+  void publish(uint32_t id, std::string rkey);
   std::vector<RemoteRegion> exposed() const;  // the regions peers may access
 
  private:

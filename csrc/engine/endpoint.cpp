@@ -93,7 +93,7 @@ std::shared_ptr<const Region> Endpoint::register_region(uintptr_t addr, uint64_t
   if (closing_) fail(ErrorCode::kInvalidRequest, "endpoint '" + options_.name + "' is closed");
   auto r = regions_.add(reinterpret_cast<char*>(addr), nbytes, remote_write, remote_read);
   try {
-    regions_.set_rkey(r->id, transport_->register_region(*r));
+    regions_.publish(r->id, transport_->register_region(*r));
   } catch (...) {
     regions_.remove(r->id, 0);
     throw;

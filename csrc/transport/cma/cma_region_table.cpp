@@ -185,10 +185,10 @@ uint32_t* RegionTableView::busy(uint32_t slot) const {
 Grant RegionTableView::acquire(const RemoteRegion& remote, bool write, uint64_t extent) {
   const std::string region = "region " + std::to_string(remote.id);
   if (remote.rkey.empty()) {
-    // The peer listed its regions between registering this one and publishing it.
-    fail(ErrorCode::kInvalidRequest,
-         region + " of the peer was listed before it was published to cma peers; list the "
-                  "peer's regions again (peer.regions()) and retry");
+    // Regions are listed only once their transport published them, so this peer's list did
+    // not come from a cma endpoint.
+    fail(ErrorCode::kProtocol,
+         region + " of the peer carries no cma key: the peer does not serve it over cma");
   }
   uint32_t slot = decode_slot(remote.rkey);
   if (slot >= kTableCapacity) {
