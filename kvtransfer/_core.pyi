@@ -71,7 +71,7 @@ class Endpoint:
         ...
     def transfer(self, is_write: bool, peer: Peer, local: typing.SupportsInt | typing.SupportsIndex, remote: typing.SupportsInt | typing.SupportsIndex, segments: typing.Annotated[numpy.typing.ArrayLike, numpy.int64], notify: bytes | None, timeout: typing.SupportsFloat | typing.SupportsIndex, checksum: typing.SupportsInt | typing.SupportsIndex) -> Transfer:
         ...
-    def wait_notification(self, payload: bytes, timeout: typing.SupportsFloat | typing.SupportsIndex) -> tuple:
+    def wait_notification(self, payload: bytes, timeout: typing.SupportsFloat | typing.SupportsIndex, spin: typing.SupportsFloat | typing.SupportsIndex = 0.0) -> tuple:
         ...
     @property
     def address(self) -> str:
@@ -178,4 +178,4 @@ KV_PREAMBLE_BYTES: int = 12
 KV_RECORD_HEADER_BYTES: int = 16
 KV_RECORD_TRAILER_BYTES: int = 4
 MAX_NOTIFY_BYTES: int = 4096
-PROTOCOL_VERSION: int = 1
+PROTOCOL_VERSION: int = 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -154,3 +156,24 @@ def test_closed_endpoint_refuses_work_with_a_clear_error():
     ep.close()
     with pytest.raises(kvt.InvalidRequestError, match="closed"):
         ep.register(np.zeros(4, np.uint8))
+
+
+def test_a_spinning_wait_returns_the_notification_and_still_times_out(pair):
+    """spin= polls instead of sleeping; it changes when the waiter notices, never what it gets:
+    the notification after its data, failures and timeouts as for a sleeping wait."""
+    target, initiator = pair
+    dst = np.zeros(64 << 10, np.uint8)
+    src = np.random.default_rng(3).integers(0, 256, dst.size, dtype=np.uint8)
+    rd = target.register(dst, remote_write=True)
+    rs = initiator.register(src)
+    peer = initiator.connect(target.info())
+    for i in range(50):
+        initiator.write(peer, rs, rd.id, [[0, 0, dst.size]], notify=b"spin-%d" % i)
+        assert target.wait_notification(b"spin-%d" % i, timeout=5, spin=5).payload == b"spin-%d" % i
+        assert (dst == src).all()
+    t0 = time.monotonic()
+    with pytest.raises(kvt.TimeoutError):
+        target.wait_notification(b"never", timeout=0.2, spin=10)  # spins no longer than timeout
+    assert time.monotonic() - t0 < 1.0
+    with pytest.raises(kvt.InvalidRequestError):
+        target.wait_notification(b"never", timeout=0.1, spin=-1)

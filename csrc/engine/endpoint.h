@@ -72,8 +72,8 @@ class Endpoint : public TransportSink {
                                       const int64_t* segments, size_t n, const std::string* notify,
                                       const TransferOptions& opts);
 
-  Notification wait_notification(const std::string& payload, double timeout_s) {
-    return notifications_.wait_for(payload, timeout_s);
+  Notification wait_notification(const std::string& payload, double timeout_s, double spin_s = 0.0) {
+    return notifications_.wait_for(payload, timeout_s, spin_s);
   }
   std::vector<Notification> notifications(double timeout_s) {
     return timeout_s > 0 ? notifications_.wait_any(timeout_s) : notifications_.drain();

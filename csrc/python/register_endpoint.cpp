@@ -129,15 +129,15 @@ void register_endpoint(py::module_& m) {
                              : ep.read(peer, local, remote, rows, n, p, opts);
            }, py::arg("is_write"), py::arg("peer"), py::arg("local"), py::arg("remote"),
            py::arg("segments"), py::arg("notify"), py::arg("timeout"), py::arg("checksum"))
-      .def("wait_notification", [](Endpoint& ep, py::bytes payload, double timeout) {
+      .def("wait_notification", [](Endpoint& ep, py::bytes payload, double timeout, double spin) {
              std::string p = payload;
              Notification n;
              {
                py::gil_scoped_release release;
-               n = ep.wait_notification(p, timeout);
+               n = ep.wait_notification(p, timeout, spin);
              }
              return notification_tuple(n);
-           }, py::arg("payload"), py::arg("timeout"))
+           }, py::arg("payload"), py::arg("timeout"), py::arg("spin") = 0.0)
       .def("notifications", [](Endpoint& ep, double timeout) {
         std::vector<Notification> got;
         {
