@@ -15,6 +15,24 @@
 namespace kvt::fabric {
 namespace {
 
+// shm names its shared segment after the process id. A segment left behind by a killed process
+// whose pid this process now has looks "in use by a live process" (this one), and fi_enable
+// fails with EBUSY. A random suffix gives every endpoint its own segment name; the name still
+// starts "fi_shm://<pid>:" as peers expect.
+void unique_shm_name(struct fid_ep* ep) {
+  std::vector<char> name(256, 0);
+  size_t len = name.size();
+  if (fi_getname(&ep->fid, name.data(), &len) != 0) return;  // keep the provider's name
+  std::random_device rd;
+  char suffix[24];
+  std::snprintf(suffix, sizeof suffix, "-%08x%08x", rd(), rd());
+  std::string unique = std::string(name.data()) + suffix;
+  int rc = fi_setname(&ep->fid, unique.data(), unique.size() + 1);
+  if (rc != 0) {
+    fail(ErrorCode::kTransport, std::string("fi_setname failed on shm: ") + fi_strerror(-rc));
+  }
+}
+
 constexpr size_t kSendSlots = 128;
 // Every MAP must find a posted receive: ofi_rxd parks unexpected messages in its own packet
 // pool, and a backlog of them (a target slow to repost, e.g. starved of CPU) stalls the peer
@@ -118,6 +136,7 @@ void Rail::open() {
   check(fi_endpoint(obj_->domain, info_.get(), &obj_->ep, nullptr), "fi_endpoint");
   check(fi_ep_bind(obj_->ep, &obj_->cq->fid, FI_TRANSMIT | FI_RECV), "binding the completion queue");
   check(fi_ep_bind(obj_->ep, &obj_->av->fid, 0), "binding the address vector");
+  if (std::strcmp(info_->fabric_attr->prov_name, "shm") == 0) unique_shm_name(obj_->ep);
   check(fi_enable(obj_->ep), "fi_enable");
 
   size_t len = 0;
