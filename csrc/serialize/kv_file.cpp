@@ -7,18 +7,12 @@
 namespace kvt::serialize {
 namespace {
 
+using wire::get_le;
+using wire::put_le;
+
 constexpr size_t kMaxDtype = 32;
 constexpr size_t kMaxFingerprint = 128;
 constexpr size_t kMaxLayout = 64 * 1024;
-
-void put_le(uint8_t* p, uint64_t v, int n) {
-  for (int i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-uint64_t get_le(const uint8_t* p, int n) {
-  uint64_t v = 0;
-  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
 
 // a * b, or fails when it overflows or passes `cap`.
 uint64_t mul_capped(uint64_t a, uint64_t b, uint64_t cap, const char* what) {

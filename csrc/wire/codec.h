@@ -12,6 +12,16 @@
 
 namespace kvt::wire {
 
+// The low `n` bytes of v, little-endian, into a fixed-layout buffer (frame headers, records).
+inline void put_le(uint8_t* p, uint64_t v, int n) {
+  for (int i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+inline uint64_t get_le(const uint8_t* p, int n) {
+  uint64_t v = 0;
+  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return v;
+}
+
 class Writer {
  public:
   void u8(uint8_t v) { out_.push_back(static_cast<char>(v)); }

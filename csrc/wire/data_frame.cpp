@@ -10,15 +10,6 @@
 namespace kvt::wire {
 namespace {
 
-void put_le(uint8_t* p, uint64_t v, int n) {
-  for (int i = 0; i < n; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
-}
-uint64_t get_le(const uint8_t* p, int n) {
-  uint64_t v = 0;
-  for (int i = 0; i < n; ++i) v |= static_cast<uint64_t>(p[i]) << (8 * i);
-  return v;
-}
-
 // Layout (little-endian): magic u32 | version u16 | type u8 | flags u8 | nseg u32 | region u32 |
 // frame u32 | crc u32 | slot u64 | key u64 | payload u64  = 48 bytes.
 constexpr size_t kCrcAt = 20;
