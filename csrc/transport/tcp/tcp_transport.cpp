@@ -148,11 +148,11 @@ void TcpTransport::serve_frames(Inbound& conn) {
         fail(ErrorCode::kProtocol, "begin frame of " + std::to_string(h.payload) +
                                        " bytes, with segments or without its crc32c");
       }
-      std::string body(h.payload, '\0');
+      std::string body(h.payload + 4, '\0');  // the body and its crc32c, in one receive
       conn.sock.recv_all(body.data(), body.size(), what);
-      uint8_t crc_le[4];
-      conn.sock.recv_all(crc_le, 4, what);
-      if (wire::get_u32_le(crc_le) != wire::crc32c(body.data(), body.size())) {
+      const uint32_t sent = wire::get_u32_le(reinterpret_cast<const uint8_t*>(body.data()) + h.payload);
+      body.resize(h.payload);
+      if (sent != wire::crc32c(body.data(), body.size())) {
         fail(ErrorCode::kProtocol, "begin frame of transfer " + std::to_string(h.slot) +
                                        " fails its crc32c: corrupted in flight");
       }
