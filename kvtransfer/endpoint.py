@@ -243,8 +243,9 @@ class Endpoint:
                           spin: float = 0.0) -> Notification:
         """Waits for the notification ``payload``; raises TransportError if its transfer failed
         and kvtransfer.TimeoutError if none arrives in time. ``spin`` > 0 polls for up to that
-        many seconds before sleeping: lower latency for small transfers (no sleeping thread to
-        wake), paid for with a busy core while it polls; the default never spins."""
+        many seconds before sleeping, and on TCP reads arriving frames on this thread: lower
+        latency for small transfers (no sleeping thread to wake), paid for with a busy core
+        while it polls; the default never spins (docs/transports.md, "Spinning waiters")."""
         if spin < 0:
             raise InvalidRequestError(f"spin must be >= 0 seconds, got {spin}")
         peer, data, _ = self._core.wait_notification(bytes(payload), float(timeout), float(spin))

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -39,12 +40,27 @@ class NotificationQueue {
   // Removes and returns the first event whose payload matches; throws Transport for a failure
   // event, Timeout when none comes in time. With spin_s > 0 it first polls for up to that long
   // instead of sleeping: the waker then need not wake a sleeping thread (on a VM, an idle vCPU),
-  // which halves small-transfer latency here, for a core's worth of CPU while it polls.
-  Notification wait_for(const std::string& payload, double timeout_s, double spin_s = 0.0) {
+  // which halves small-transfer latency here, for a core's worth of CPU while it polls. While
+  // it polls it calls `progress` (without the lock; it may push events from this thread), and
+  // `spin_over` once when polling ends: found, failed, timed out, or about to sleep.
+  Notification wait_for(const std::string& payload, double timeout_s, double spin_s = 0.0,
+                        const std::function<bool()>& progress = {},
+                        const std::function<void()>& spin_over = {}) {
+    struct SpinPhase {
+      const std::function<void()>& over;
+      bool on;
+      void end() {
+        if (on && over) over();
+        on = false;
+      }
+      ~SpinPhase() { end(); }
+    } phase{spin_over, spin_s > 0};  // before the lock: ends after it is released
     std::unique_lock<std::mutex> lock(mu_);
+    using Duration = std::chrono::steady_clock::duration;
     auto now = std::chrono::steady_clock::now();
-    auto deadline = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(timeout_s));
-    auto spin_end = std::min(deadline, now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(std::chrono::duration<double>(std::max(0.0, spin_s))));
+    auto deadline = now + std::chrono::duration_cast<Duration>(std::chrono::duration<double>(timeout_s));
+    auto spin_end = std::min(deadline, now + std::chrono::duration_cast<Duration>(
+                                                 std::chrono::duration<double>(std::max(0.0, spin_s))));
     while (true) {
       for (auto it = items_.begin(); it != items_.end(); ++it) {
         if (it->payload != payload) continue;
@@ -58,12 +74,17 @@ class NotificationQueue {
         }
         return n;
       }
-      if (std::chrono::steady_clock::now() < spin_end) {
-        uint64_t seen = pushes_.load(std::memory_order_acquire);
-        lock.unlock();
-        while (pushes_.load(std::memory_order_acquire) == seen &&
-               std::chrono::steady_clock::now() < spin_end) {
-          cpu_relax();
+      if (phase.on) {
+        if (std::chrono::steady_clock::now() < spin_end) {
+          uint64_t seen = pushes_.load(std::memory_order_acquire);
+          lock.unlock();
+          while (pushes_.load(std::memory_order_acquire) == seen &&
+                 std::chrono::steady_clock::now() < spin_end) {
+            if (!(progress && progress())) cpu_relax();
+          }
+        } else {
+          lock.unlock();
+          phase.end();  // then look once more: the transport's own threads may have pushed
         }
         lock.lock();
         continue;

@@ -59,6 +59,8 @@ ControlMessage expect(ControlChannel& ch, wire::MsgType type, const std::string&
 
 }  // namespace
 
+thread_local std::vector<Endpoint::OwedAck>* Endpoint::owed_acks_ = nullptr;
+
 Endpoint::Endpoint(EndpointOptions options)
     : options_(std::move(options)), inbound_(options_.timeout_s) {
   if (options_.timeout_s <= 0) {
@@ -384,12 +386,23 @@ void Endpoint::settle(const InboundOutcome& o) {
   }
   auto peer = find_peer(o.peer);
   if (!peer || peer->dead) return;
-  wire::Ack ack{o.slot, o.ok ? 0u : static_cast<uint32_t>(o.code), o.error};
-  try {
-    peer->control->send(wire::MsgType::kAck, wire::encode(ack));
-  } catch (const Error&) {
-    // The control loop reports the broken connection.
+  std::vector<OwedAck> acks{OwedAck{peer, wire::Ack{o.slot, o.ok ? 0u : static_cast<uint32_t>(o.code), o.error}}};
+  if (owed_acks_) {  // a spinning waiter settled it: see wait_notification
+    owed_acks_->push_back(std::move(acks.front()));
+    return;
   }
+  send_acks(acks);
+}
+
+void Endpoint::send_acks(std::vector<OwedAck>& acks) {
+  for (const auto& a : acks) {
+    try {
+      a.peer->control->send(wire::MsgType::kAck, wire::encode(a.ack));
+    } catch (const Error&) {
+      // The control loop reports the broken connection.
+    }
+  }
+  acks.clear();
 }
 
 void Endpoint::begin_inbound(PeerConn& peer, const std::string& body) {
@@ -577,6 +590,45 @@ void Endpoint::finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code,
   x->finish(s, code, error);
 }
 
+// ---------------------------------------------------------------- notifications
+
+Notification Endpoint::wait_notification(const std::string& payload, double timeout_s,
+                                         double spin_s) {
+  if (spin_s <= 0) return notifications_.wait_for(payload, timeout_s);
+  // While it spins, this thread reads inbound data itself (Transport::poll_inbound). What that
+  // settles owes the initiator an ACK: sent on the next turn while still waiting, or, once the
+  // spin is over, by handoff_, so that a waiter that found its notification returns at once.
+  bool started = false, spinning = false;  // spinning: the transport takes part until spin_end
+  std::vector<OwedAck> acks;
+  auto progress = [&] {
+    if (!started) {
+      started = true;
+      spinning = transport_->spin_begin();
+    }
+    if (!spinning) return false;
+    send_acks(acks);
+    struct Owed {
+      explicit Owed(std::vector<OwedAck>* a) { owed_acks_ = a; }
+      ~Owed() { owed_acks_ = nullptr; }
+    } owed(&acks);
+    bool handled = transport_->poll_inbound();
+    if (handled) stats_.spin_reads++;
+    return handled;
+  };
+  auto spin_over = [&] {
+    if (spinning) end_spin(std::move(acks));
+    spinning = false;
+  };
+  return notifications_.wait_for(payload, timeout_s, spin_s, progress, spin_over);
+}
+
+void Endpoint::end_spin(std::vector<OwedAck> acks) {
+  handoff_.post([this, acks = std::move(acks)]() mutable {
+    send_acks(acks);
+    transport_->spin_end();
+  });
+}
+
 // ---------------------------------------------------------------- transport upcalls
 
 void Endpoint::on_arrival(uint64_t peer, uint64_t slot, uint32_t units) {
@@ -707,10 +759,14 @@ void Endpoint::add_pending() {
   }
 }
 
-// Sleeps while nothing is pending; otherwise wakes every 10 ms to expire deadlines (a bounded
-// tick instead of a heap: cheap, and deadlines are seconds).
+// Wakes every 10 ms to expire deadlines while work is pending and for a second after (a
+// bounded tick instead of a heap: cheap, and deadlines are seconds); then sleeps until new work
+// wakes it. So a steady stream of transfers never has to wake it.
 void Endpoint::watchdog_loop() {
+  constexpr auto kTick = std::chrono::milliseconds(10);
+  constexpr auto kLinger = std::chrono::seconds(1);
   std::unique_lock<std::mutex> lock(watch_mu_);
+  auto last_busy = Clock::now();
   while (!closing_) {
     watch_idle_ = true;  // before looking: work added after this wakes us, work before is seen
     bool busy;
@@ -719,9 +775,10 @@ void Endpoint::watchdog_loop() {
       busy = !transfers_.empty();
     }
     busy = busy || inbound_.pending() > 0;
-    if (busy) {
+    if (busy) last_busy = Clock::now();
+    if (busy || Clock::now() - last_busy < kLinger) {
       watch_idle_ = false;
-      watch_cv_.wait_for(lock, std::chrono::milliseconds(10));
+      watch_cv_.wait_for(lock, kTick);
     } else {
       watch_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return !watch_idle_ || closing_; });
     }
@@ -771,6 +828,7 @@ void Endpoint::disconnect(PeerConn& peer) {
 
 void Endpoint::close() {
   if (closing_.exchange(true)) return;
+  handoff_.stop();
   watch_cv_.notify_all();
   if (watchdog_.joinable()) watchdog_.join();
   listener_.shutdown_both();

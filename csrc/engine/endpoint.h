@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/handoff_thread.h"
 #include "core/inbound_tracker.h"
 #include "core/notification_queue.h"
 #include "core/region_registry.h"
@@ -72,9 +73,7 @@ class Endpoint : public TransportSink {
                                       const int64_t* segments, size_t n, const std::string* notify,
                                       const TransferOptions& opts);
 
-  Notification wait_notification(const std::string& payload, double timeout_s, double spin_s = 0.0) {
-    return notifications_.wait_for(payload, timeout_s, spin_s);
-  }
+  Notification wait_notification(const std::string& payload, double timeout_s, double spin_s = 0.0);
   std::vector<Notification> notifications(double timeout_s) {
     return timeout_s > 0 ? notifications_.wait_any(timeout_s) : notifications_.drain();
   }
@@ -111,6 +110,15 @@ class Endpoint : public TransportSink {
   void handle(PeerConn& peer, const ControlMessage& m);
   void begin_inbound(PeerConn& peer, const std::string& body);
   void settle(const InboundOutcome& o);
+  struct OwedAck {
+    std::shared_ptr<PeerConn> peer;
+    wire::Ack ack;
+  };
+  // Set while a spinning waiter reads inbound data (wait_notification): the ACKs that what it
+  // settles owes are collected there instead of sent.
+  static thread_local std::vector<OwedAck>* owed_acks_;
+  void send_acks(std::vector<OwedAck>& acks);
+  void end_spin(std::vector<OwedAck> acks);
   void finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code, const std::string& error);
   void peer_failed(uint64_t peer, const Error& error);
   void record_error(const Error& e);
@@ -142,11 +150,12 @@ class Endpoint : public TransportSink {
   std::mutex watch_mu_;
   std::condition_variable watch_cv_;
   // True while the watchdog sleeps its long idle wait: only then does new work need to wake it
-  // (a wake per transfer would put a third thread on the latency path of a 2-core host).
+  // (a wake per transfer would put another thread on the latency path of a 2-core host).
   std::atomic<bool> watch_idle_{false};
   std::atomic<bool> closing_{false};
   std::thread watchdog_;
   ThreadSet threads_;
+  HandoffThread handoff_;  // finishes a spinning waiter's work after it has returned
 };
 
 // One connection to another endpoint: its control channel, and for peers we connected to, the

@@ -122,6 +122,13 @@ class Transport {
   virtual std::unique_ptr<DataLink> connect(uint64_t peer, const std::string& remote_address,
                                             uint64_t token) = 0;
   virtual void shutdown() = 0;
+  // Target: a thread spins waiting for a notification (wait_notification with spin). A
+  // transport whose spin_begin() returns true lets that thread read inbound units until
+  // spin_end(): poll_inbound() handles units already queued, never blocks, and says whether it
+  // handled any. A message then wakes no sleeping transport thread (on a VM, an idle vCPU).
+  virtual bool spin_begin() { return false; }
+  virtual bool poll_inbound() { return false; }
+  virtual void spin_end() {}
 };
 
 // Name -> factory, so nothing above this layer names a transport.

@@ -43,6 +43,7 @@ import numpy as np
 GB = 1e9
 OPS = ("write", "read")
 MODES = ("whole", "streamed")
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 POLL_SLEEP_S = 100e-6  # pause between completion polls when not busy-polling
 SETUP_TIMEOUT_S = 120.0  # start-up of a child: import, allocation, registration, handshake
 SHUTDOWN_TIMEOUT_S = 15.0
@@ -395,6 +396,10 @@ def run_pair(system: str, spec: PeerSpec, extra: dict[str, Any] | None = None) -
     Either maker may raise ``Unsupported`` for a workload its library cannot run.
     """
     load_before = os.getloadavg()[0]  # the record says how busy the (shared) host was
+    # numpy's OpenBLAS starts a thread per core in every process, and those threads spin: 20% of
+    # this 2-core host in the latency workload, for no BLAS call. The children inherit this.
+    for var in BLAS_THREAD_VARS:
+        os.environ.setdefault(var, "1")
     ctx = multiprocessing.get_context("spawn")
     procs, conns = {}, {}
     for role in ("target", "initiator"):

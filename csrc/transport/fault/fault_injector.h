@@ -51,6 +51,9 @@ class FaultInjector : public Transport, public TransportSink {
   std::unique_ptr<DataLink> connect(uint64_t peer, const std::string& remote_address,
                                     uint64_t token) override;
   void shutdown() override { inner_->shutdown(); }
+  bool spin_begin() override { return inner_->spin_begin(); }
+  bool poll_inbound() override { return inner_->poll_inbound(); }
+  void spin_end() override { inner_->spin_end(); }
 
   // TransportSink
   void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) override;

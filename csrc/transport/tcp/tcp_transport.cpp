@@ -1,8 +1,12 @@
 #include "transport/tcp/tcp_transport.h"
 
+#include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
+#include <cerrno>
+#include <cstring>
 #include <vector>
 
 #include "transport/tcp/tcp_link.h"
@@ -113,140 +117,295 @@ void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
       conn->peer = it->second;
     }
     set_recv_timeout(conn->sock, 0);
+    conn->serving.store(true, std::memory_order_release);
     serve_frames(*conn);
   } catch (const Error& e) {
     if (!stopping_.load()) ctx_.sink.on_link_failed(conn->peer, e);
+  }
+  {
+    std::lock_guard<std::mutex> lock(conn->reader);  // a spinning waiter reads no more of it
+    conn->ended = true;
   }
   std::lock_guard<std::mutex> lock(mu_);
   inbound_.erase(conn.get());
 }
 
+// The connection's own thread: sleeps in poll() until bytes come, then reads frames while any
+// are queued. A spinning waiter may have taken them first (poll_inbound), hence the peek.
 void TcpTransport::serve_frames(Inbound& conn) {
-  uint8_t header[wire::kDataHeaderSize];
-  std::vector<wire::DataDesc> descs;
-  std::vector<uint8_t> raw;
-  std::vector<struct iovec> iov;
-  const std::string what = "TCP data connection";
+  struct pollfd pfds[2] = {{conn.sock.fd(), POLLIN, 0}, {conn.kick.fd(), POLLIN, 0}};
   while (!stopping_.load()) {
-    // A clean close between frames is the peer going away, not an error: its control
-    // connection reports that.
-    ssize_t r = ::recv(conn.sock.fd(), header, sizeof header, MSG_WAITALL);
-    if (r == 0) return;
-    if (r != static_cast<ssize_t>(sizeof header)) {
-      if (r > 0) fail(ErrorCode::kProtocol, "TCP data connection closed inside a frame header");
-      fail(ErrorCode::kTransport, "TCP data connection failed while reading a frame header");
+    {
+      std::lock_guard<std::mutex> lock(conn.reader);
+      if (conn.ended) return;
+      uint8_t byte;
+      ssize_t r = ::recv(conn.sock.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      // A clean close between frames is the peer going away, not an error: its control
+      // connection reports that.
+      if (r == 0) return;
+      if (r > 0) {
+        serve_frame(conn);
+        continue;
+      }
+      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        fail(ErrorCode::kTransport, "TCP data connection failed while waiting for a frame: " +
+                                        std::string(std::strerror(errno)));
+      }
+      conn.handoff.store(false);  // drained: a spinning waiter may read it again
     }
-    wire::DataHeader h = wire::decode_data_header(header);
-    raw.resize(static_cast<size_t>(h.nseg) * wire::kDataDescSize);
-    conn.sock.recv_all(raw.data(), raw.size(), what);
-    descs.resize(h.nseg);
-    wire::decode_descs(raw.data(), h.nseg, descs.data());
-    wire::verify_data_crc(header, descs.data(), h.nseg);
+    if (park_while_spinning(conn)) continue;
+    // Either a new spinner sees `polling` and kicks, or this sees the spinner (both seq_cst).
+    conn.polling.store(true);
+    if (spinners_.load() > 0) {
+      conn.polling.store(false);
+      continue;
+    }
+    int rc = ::poll(pfds, 2, -1);
+    conn.polling.store(false);
+    if (rc < 0 && errno != EINTR) {
+      fail(ErrorCode::kTransport, "poll on a TCP data connection failed: " +
+                                      std::string(std::strerror(errno)));
+    }
+    if (pfds[1].revents & POLLIN) conn.kick.clear();
+  }
+}
 
-    if (h.type == wire::DataType::kBegin) {
-      if (h.nseg != 0 || !(h.flags & wire::kFlagPayloadCrc) || h.payload > wire::kMaxBeginBytes) {
-        fail(ErrorCode::kProtocol, "begin frame of " + std::to_string(h.payload) +
-                                       " bytes, with segments or without its crc32c");
-      }
-      std::string body(h.payload + 4, '\0');  // the body and its crc32c, in one receive
-      conn.sock.recv_all(body.data(), body.size(), what);
-      const uint32_t sent = wire::get_u32_le(reinterpret_cast<const uint8_t*>(body.data()) + h.payload);
-      body.resize(h.payload);
-      if (sent != wire::crc32c(body.data(), body.size())) {
-        fail(ErrorCode::kProtocol, "begin frame of transfer " + std::to_string(h.slot) +
-                                       " fails its crc32c: corrupted in flight");
-      }
-      ctx_.sink.on_begin(conn.peer, body);
-    } else if (h.type == wire::DataType::kWrite) {
-      if (!ctx_.sink.accepts(conn.peer, h.slot)) {  // failed or cancelled: never land late bytes
-        discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
-        continue;
-      }
-      if (!ctx_.regions.contains(h.region)) {
-        discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
-        ctx_.sink.on_refused(conn.peer, h.slot,
-                             Error(ErrorCode::kInvalidRequest,
-                                   "region " + std::to_string(h.region) +
-                                       " was deregistered while the transfer was in flight"));
-        continue;
-      }
-      auto region = ctx_.regions.check(h.region, h.key, Access::kRemoteWrite);
-      uint64_t total = 0;
-      iov.clear();
-      for (const auto& d : descs) {
-        if (!in_bounds(d.off, d.len, region->nbytes)) {
-          fail(ErrorCode::kProtocol, "write of [" + std::to_string(d.off) + ", +" +
-                                         std::to_string(d.len) + ") outside region " +
-                                         std::to_string(h.region) + " of " +
-                                         std::to_string(region->nbytes) + " bytes");
-        }
-        total += d.len;
-        iov.push_back(iovec{region->base + d.off, d.len});
-      }
-      if (total != h.payload) {
-        fail(ErrorCode::kProtocol, "write frame announces " + std::to_string(h.payload) +
-                                       " payload bytes but its segments sum to " +
-                                       std::to_string(total));
-      }
-      if (h.flags & wire::kFlagPayloadCrc) {
-        std::vector<struct iovec> landed = iov;  // recvv_all consumes its iovec array
-        conn.sock.recvv_all(iov.data(), iov.size(), what);
-        uint8_t crc_le[4];
-        conn.sock.recv_all(crc_le, 4, what);
-        if (wire::get_u32_le(crc_le) != wire::crc32c_iov(landed.data(), landed.size())) {
-          ctx_.sink.on_refused(conn.peer, h.slot,
-                               Error(ErrorCode::kProtocol,
-                                     "payload of transfer " + std::to_string(h.slot) + " (frame " +
-                                         std::to_string(h.frame) +
-                                         ") fails its crc32c: corrupted in flight"));
+// While a waiter spins, the connection's thread sleeps away from the socket, so that a frame
+// arriving wakes nobody: the waiter reads it. True if it slept.
+bool TcpTransport::park_while_spinning(Inbound& conn) {
+  if (spinners_.load() == 0 || conn.handoff.load()) return false;
+  std::unique_lock<std::mutex> lock(park_mu_);
+  park_cv_.wait(lock, [&] {
+    return stopping_.load() || spinners_.load() == 0 || conn.handoff.load();
+  });
+  return true;
+}
+
+bool TcpTransport::spin_begin() {
+  spinners_.fetch_add(1);
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [_, c] : inbound_) {
+    if (c->polling.load()) c->kick.signal();
+  }
+  return true;
+}
+
+void TcpTransport::spin_end() {
+  if (spinners_.fetch_sub(1) != 1) return;
+  { std::lock_guard<std::mutex> lock(park_mu_); }  // a thread deciding to park sees it or is woken
+  park_cv_.notify_all();
+}
+
+void TcpTransport::hand_off(Inbound& conn) {
+  conn.handoff.store(true);
+  { std::lock_guard<std::mutex> lock(park_mu_); }
+  park_cv_.notify_all();
+}
+
+namespace {
+// A spinning waiter reads frames up to this size; larger ones are bandwidth traffic that its
+// connection's thread reads (they may not fit the receive queue whole, and a wake-up is cheap
+// next to them).
+constexpr uint64_t kWaiterFrameBytes = 256u << 10;
+// A frame partly queued for longer than this is left to the connection's thread.
+constexpr auto kWaiterPartialWait = std::chrono::microseconds(200);
+}  // namespace
+
+// What the socket holds for a spinning waiter. Only whole write and BEGIN frames are the
+// waiter's (reading them cannot block); read requests (their replies may block), malformed
+// headers (the thread reports them), a closed socket and large frames are the thread's.
+TcpTransport::Queued TcpTransport::queued_frame(const Inbound& conn) const {
+  uint8_t header[wire::kDataHeaderSize];
+  ssize_t r = ::recv(conn.sock.fd(), header, sizeof header, MSG_PEEK | MSG_DONTWAIT);
+  if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? Queued::kNothing : Queued::kNotForWaiter;
+  if (r == 0) return Queued::kNotForWaiter;
+  if (r != static_cast<ssize_t>(sizeof header)) return Queued::kPartial;
+  wire::DataHeader h;
+  try {
+    h = wire::decode_data_header(header);
+  } catch (const Error&) {
+    return Queued::kNotForWaiter;
+  }
+  uint64_t need = sizeof header;
+  if (h.type == wire::DataType::kBegin && h.payload <= wire::kMaxBeginBytes) {
+    need += h.payload + 4;
+  } else if (h.type == wire::DataType::kWrite && h.nseg <= kMaxSegsPerFrame &&
+             h.payload <= kWaiterFrameBytes) {
+    need += uint64_t{h.nseg} * wire::kDataDescSize + h.payload +
+            ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0);
+  } else {
+    return Queued::kNotForWaiter;
+  }
+  int queued = 0;
+  if (::ioctl(conn.sock.fd(), FIONREAD, &queued) != 0) return Queued::kNotForWaiter;
+  return static_cast<uint64_t>(queued) >= need ? Queued::kWhole : Queued::kPartial;
+}
+
+bool TcpTransport::poll_inbound() {
+  std::vector<std::shared_ptr<Inbound>> conns;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_.load()) return false;
+    conns.reserve(inbound_.size());
+    for (auto& [_, c] : inbound_) {
+      if (c->serving.load(std::memory_order_acquire)) conns.push_back(c);
+    }
+  }
+  bool handled = false;
+  for (auto& c : conns) {
+    std::unique_lock<std::mutex> lock(c->reader, std::try_to_lock);
+    if (!lock.owns_lock() || c->ended || c->handoff.load()) continue;
+    try {
+      while (true) {
+        Queued q = queued_frame(*c);
+        if (q == Queued::kWhole) {
+          serve_frame(*c);
+          handled = true;
+          c->partial_since = {};
           continue;
         }
-      } else {
-        conn.sock.recvv_all(iov.data(), iov.size(), what);
-      }
-      ctx_.sink.on_arrival(conn.peer, h.slot, 1);
-    } else if (h.type == wire::DataType::kReadReq) {
-      wire::DataHeader reply;
-      reply.slot = h.slot;
-      reply.frame = h.frame;
-      std::string refusal;
-      std::shared_ptr<const Region> region;
-      iov.clear();
-      try {
-        region = ctx_.regions.check(h.region, h.key, Access::kRemoteRead);
-        for (const auto& d : descs) {
-          if (!in_bounds(d.off, d.len, region->nbytes)) {
-            fail(ErrorCode::kProtocol, "read of [" + std::to_string(d.off) + ", +" +
-                                           std::to_string(d.len) + ") outside region " +
-                                           std::to_string(h.region));
-          }
-          reply.payload += d.len;
-          iov.push_back(iovec{region->base + d.off, d.len});
+        if (q == Queued::kPartial) {
+          auto now = std::chrono::steady_clock::now();
+          if (c->partial_since == std::chrono::steady_clock::time_point{}) c->partial_since = now;
+          if (now - c->partial_since < kWaiterPartialWait) break;  // the rest is on its way
         }
-      } catch (const Error& e) {
-        refusal = std::string(e.what()).substr(0, wire::kMaxReadErrBytes);
+        if (q != Queued::kNothing) hand_off(*c);
+        c->partial_since = {};
+        break;
       }
-      uint8_t out[wire::kDataHeaderSize];
-      uint8_t crc_le[4];
-      if (refusal.empty() && (h.flags & wire::kFlagPayloadCrc)) {
-        reply.flags = wire::kFlagPayloadCrc;
-        wire::put_u32_le(crc_le, wire::crc32c_iov(iov.data(), iov.size()));
-        iov.push_back(iovec{crc_le, 4});
-      }
-      if (!refusal.empty()) {
-        reply.type = wire::DataType::kReadErr;
-        reply.payload = refusal.size();
-        iov.assign(1, iovec{refusal.data(), refusal.size()});
-      } else {
-        reply.type = wire::DataType::kReadResp;
-      }
-      wire::encode_data_header(reply, nullptr, out);
-      iov.insert(iov.begin(), iovec{out, sizeof out});
-      conn.sock.sendv_all(iov.data(), iov.size(), what);
-    } else {
-      fail(ErrorCode::kProtocol, "unexpected data frame type " +
-                                     std::to_string(static_cast<int>(h.type)) + " at the target");
+    } catch (const Error& e) {
+      // Ended here, reported here: the connection's thread sees `ended` and leaves quietly.
+      c->ended = true;
+      c->sock.shutdown_both();
+      hand_off(*c);
+      if (!stopping_.load()) ctx_.sink.on_link_failed(c->peer, e);
     }
+  }
+  return handled;
+}
+
+// Reads and acts on one frame, blocking until all of it has come.
+void TcpTransport::serve_frame(Inbound& conn) {
+  uint8_t header[wire::kDataHeaderSize];
+  auto& descs = conn.descs;
+  auto& raw = conn.raw;
+  auto& iov = conn.iov;
+  const std::string what = "TCP data connection";
+  ssize_t r = ::recv(conn.sock.fd(), header, sizeof header, MSG_WAITALL);
+  if (r != static_cast<ssize_t>(sizeof header)) {
+    if (r >= 0) fail(ErrorCode::kProtocol, "TCP data connection closed inside a frame header");
+    fail(ErrorCode::kTransport, "TCP data connection failed while reading a frame header");
+  }
+  wire::DataHeader h = wire::decode_data_header(header);
+  raw.resize(static_cast<size_t>(h.nseg) * wire::kDataDescSize);
+  conn.sock.recv_all(raw.data(), raw.size(), what);
+  descs.resize(h.nseg);
+  wire::decode_descs(raw.data(), h.nseg, descs.data());
+  wire::verify_data_crc(header, descs.data(), h.nseg);
+
+  if (h.type == wire::DataType::kBegin) {
+    if (h.nseg != 0 || !(h.flags & wire::kFlagPayloadCrc) || h.payload > wire::kMaxBeginBytes) {
+      fail(ErrorCode::kProtocol, "begin frame of " + std::to_string(h.payload) +
+                                     " bytes, with segments or without its crc32c");
+    }
+    std::string body(h.payload + 4, '\0');  // the body and its crc32c, in one receive
+    conn.sock.recv_all(body.data(), body.size(), what);
+    const uint32_t sent = wire::get_u32_le(reinterpret_cast<const uint8_t*>(body.data()) + h.payload);
+    body.resize(h.payload);
+    if (sent != wire::crc32c(body.data(), body.size())) {
+      fail(ErrorCode::kProtocol, "begin frame of transfer " + std::to_string(h.slot) +
+                                     " fails its crc32c: corrupted in flight");
+    }
+    ctx_.sink.on_begin(conn.peer, body);
+  } else if (h.type == wire::DataType::kWrite) {
+    if (!ctx_.sink.accepts(conn.peer, h.slot)) {  // failed or cancelled: never land late bytes
+      discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
+      return;
+    }
+    if (!ctx_.regions.contains(h.region)) {
+      discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
+      ctx_.sink.on_refused(conn.peer, h.slot,
+                           Error(ErrorCode::kInvalidRequest,
+                                 "region " + std::to_string(h.region) +
+                                     " was deregistered while the transfer was in flight"));
+      return;
+    }
+    auto region = ctx_.regions.check(h.region, h.key, Access::kRemoteWrite);
+    uint64_t total = 0;
+    iov.clear();
+    for (const auto& d : descs) {
+      if (!in_bounds(d.off, d.len, region->nbytes)) {
+        fail(ErrorCode::kProtocol, "write of [" + std::to_string(d.off) + ", +" +
+                                       std::to_string(d.len) + ") outside region " +
+                                       std::to_string(h.region) + " of " +
+                                       std::to_string(region->nbytes) + " bytes");
+      }
+      total += d.len;
+      iov.push_back(iovec{region->base + d.off, d.len});
+    }
+    if (total != h.payload) {
+      fail(ErrorCode::kProtocol, "write frame announces " + std::to_string(h.payload) +
+                                     " payload bytes but its segments sum to " +
+                                     std::to_string(total));
+    }
+    if (h.flags & wire::kFlagPayloadCrc) {
+      std::vector<struct iovec> landed = iov;  // recvv_all consumes its iovec array
+      conn.sock.recvv_all(iov.data(), iov.size(), what);
+      uint8_t crc_le[4];
+      conn.sock.recv_all(crc_le, 4, what);
+      if (wire::get_u32_le(crc_le) != wire::crc32c_iov(landed.data(), landed.size())) {
+        ctx_.sink.on_refused(conn.peer, h.slot,
+                             Error(ErrorCode::kProtocol,
+                                   "payload of transfer " + std::to_string(h.slot) + " (frame " +
+                                       std::to_string(h.frame) +
+                                       ") fails its crc32c: corrupted in flight"));
+        return;
+      }
+    } else {
+      conn.sock.recvv_all(iov.data(), iov.size(), what);
+    }
+    ctx_.sink.on_arrival(conn.peer, h.slot, 1);
+  } else if (h.type == wire::DataType::kReadReq) {
+    wire::DataHeader reply;
+    reply.slot = h.slot;
+    reply.frame = h.frame;
+    std::string refusal;
+    std::shared_ptr<const Region> region;
+    iov.clear();
+    try {
+      region = ctx_.regions.check(h.region, h.key, Access::kRemoteRead);
+      for (const auto& d : descs) {
+        if (!in_bounds(d.off, d.len, region->nbytes)) {
+          fail(ErrorCode::kProtocol, "read of [" + std::to_string(d.off) + ", +" +
+                                         std::to_string(d.len) + ") outside region " +
+                                         std::to_string(h.region));
+        }
+        reply.payload += d.len;
+        iov.push_back(iovec{region->base + d.off, d.len});
+      }
+    } catch (const Error& e) {
+      refusal = std::string(e.what()).substr(0, wire::kMaxReadErrBytes);
+    }
+    uint8_t out[wire::kDataHeaderSize];
+    uint8_t crc_le[4];
+    if (refusal.empty() && (h.flags & wire::kFlagPayloadCrc)) {
+      reply.flags = wire::kFlagPayloadCrc;
+      wire::put_u32_le(crc_le, wire::crc32c_iov(iov.data(), iov.size()));
+      iov.push_back(iovec{crc_le, 4});
+    }
+    if (!refusal.empty()) {
+      reply.type = wire::DataType::kReadErr;
+      reply.payload = refusal.size();
+      iov.assign(1, iovec{refusal.data(), refusal.size()});
+    } else {
+      reply.type = wire::DataType::kReadResp;
+    }
+    wire::encode_data_header(reply, nullptr, out);
+    iov.insert(iov.begin(), iovec{out, sizeof out});
+    conn.sock.sendv_all(iov.data(), iov.size(), what);
+  } else {
+    fail(ErrorCode::kProtocol, "unexpected data frame type " +
+                                   std::to_string(static_cast<int>(h.type)) + " at the target");
   }
 }
 
@@ -266,6 +425,8 @@ void TcpTransport::shutdown() {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [_, c] : inbound_) c->sock.shutdown_both();
   }
+  { std::lock_guard<std::mutex> lock(park_mu_); }
+  park_cv_.notify_all();
   threads_.join_all();
 }
 

@@ -2,17 +2,24 @@
 // kMaxFrameBytes / kMaxDescsPerFrame that are striped over them and sent with sendmsg straight
 // from registered memory. The target checks every frame's key and bounds before a byte lands,
 // then receives the payload with recvmsg straight into place. Threads block in the kernel.
+// While a waiter spins for a notification, the connection threads step away from their sockets
+// and the waiter reads whole queued frames itself (spin_begin / poll_inbound / spin_end).
 #pragma once
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "core/thread_set.h"
+#include "net/event_fd.h"
 #include "net/socket.h"
 #include "transport/transport.h"
+#include "wire/data_frame.h"
 
 namespace kvt::tcp {
 
@@ -33,15 +40,35 @@ class TcpTransport : public Transport {
   std::unique_ptr<DataLink> connect(uint64_t peer, const std::string& remote_address,
                                     uint64_t token) override;
   void shutdown() override;
+  bool spin_begin() override;
+  bool poll_inbound() override;
+  void spin_end() override;
 
  private:
   struct Inbound {
     net::Socket sock;
+    net::EventFd kick;  // wakes its thread out of poll() when a waiter starts to spin
     uint64_t peer = 0;
+    std::atomic<bool> serving{false};  // past its hello: frames may be read by any thread
+    std::atomic<bool> polling{false};  // its thread sleeps in poll() on the socket
+    std::atomic<bool> handoff{false};  // a spinning waiter left a frame to its thread
+    // One reader at a time: the connection's thread, or a spinning waiter (poll_inbound).
+    std::mutex reader;
+    bool ended = false;  // under `reader`: the connection failed or closed; nobody reads it
+    std::chrono::steady_clock::time_point partial_since{};  // under `reader`
+    std::vector<wire::DataDesc> descs;
+    std::vector<uint8_t> raw;
+    std::vector<struct iovec> iov;
   };
+  enum class Queued { kNothing, kWhole, kPartial, kNotForWaiter };
+
   void accept_loop();
   void serve(std::shared_ptr<Inbound> conn);
   void serve_frames(Inbound& conn);
+  bool park_while_spinning(Inbound& conn);
+  void serve_frame(Inbound& conn);
+  Queued queued_frame(const Inbound& conn) const;
+  void hand_off(Inbound& conn);
   void discard(Inbound& conn, uint64_t bytes);
 
   TransportContext ctx_;
@@ -51,6 +78,9 @@ class TcpTransport : public Transport {
   std::unordered_map<uint64_t, uint64_t> tokens_;  // session token -> peer
   std::unordered_map<Inbound*, std::shared_ptr<Inbound>> inbound_;
   std::atomic<bool> stopping_{false};
+  std::atomic<int> spinners_{0};
+  std::mutex park_mu_;  // connection threads sleep on park_cv_ while a waiter spins
+  std::condition_variable park_cv_;
   ThreadSet threads_;
 };
 

@@ -1,0 +1,169 @@
+"""TCP transport: a waiter that spins (wait_notification(spin=...)) reads queued frames itself
+instead of waking a transport thread. Whatever it meets, the outcome is the one a sleeping
+waiter gets: the same bytes, the same completions, the same errors."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import raw_client as rc
+
+import kvtransfer as kvt
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def linked():
+    target = kvt.Endpoint("decode", transport="tcp", timeout=5.0)
+    initiator = kvt.Endpoint("prefill", transport="tcp", timeout=5.0)
+    dst = np.zeros(16 * MiB, np.uint8)
+    src = np.random.default_rng(7).integers(0, 256, 16 * MiB, dtype=np.uint8)
+    rd = target.register(dst, remote_write=True, remote_read=True)
+    rs = initiator.register(src)
+    peer = initiator.connect(target.info())
+    yield target, initiator, peer, rs, rd, src, dst
+    initiator.close()
+    target.close()
+
+
+def test_a_spinning_waiter_reads_small_writes_itself_and_every_initiator_sees_done(linked):
+    target, initiator, peer, rs, rd, src, dst = linked
+    seen: list[bytes] = []
+
+    def wait_all() -> None:
+        for i in range(50):
+            seen.append(target.wait_notification(b"n%d" % i, timeout=5, spin=5).payload)
+
+    waiter = threading.Thread(target=wait_all)
+    waiter.start()
+    for i in range(50):
+        time.sleep(0.002)  # the waiter is spinning by now
+        off = i * 65536
+        initiator.write(peer, rs, rd.id, [[off, off, 65536]], notify=b"n%d" % i).wait(5)
+    waiter.join(10)
+    assert seen == [b"n%d" % i for i in range(50)]
+    assert (dst[:50 * 65536] == src[:50 * 65536]).all()
+    # Frames read by the waiter, their ACKs owed by it and sent for it: every write is done.
+    assert target.stats()["spin_reads"] > 0
+    assert initiator.stats()["transfers_done"] == 50
+
+
+def test_large_frames_while_spinning_are_left_to_the_transport_threads(linked):
+    target, initiator, peer, rs, rd, src, dst = linked
+    x = initiator.write(peer, rs, rd.id, [[0, 0, 16 * MiB]], notify=b"big")
+    target.wait_notification(b"big", timeout=10, spin=10)
+    x.wait(10)
+    assert (dst == src).all()
+
+
+def test_reads_served_while_a_waiter_spins(linked):
+    target, initiator, peer, rs, rd, src, dst = linked
+    dst[:] = src
+    back = np.zeros(4 * MiB, np.uint8)
+    rb = initiator.register(back)
+    errors: list[BaseException] = []
+
+    def spin() -> None:
+        try:
+            target.wait_notification(b"after-reads", timeout=10, spin=10)
+        except BaseException as e:  # noqa: BLE001 - reported to the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    for i in range(20):
+        initiator.read(peer, rb, rd.id, [[i * 65536, i * 65536, 65536]]).wait(5)
+    initiator.read(peer, rb, rd.id, [[0, 0, 4 * MiB]]).wait(5)
+    assert (back == src[:4 * MiB]).all()
+    initiator.write(peer, rs, rd.id, [[0, 0, 4096]], notify=b"after-reads").wait(5)
+    t.join(10)
+    assert not t.is_alive() and not errors, errors
+
+
+def test_after_a_spin_ends_sleeping_waiters_get_data_again(linked):
+    target, initiator, peer, rs, rd, src, dst = linked
+    with pytest.raises(kvt.TimeoutError):
+        target.wait_notification(b"never", timeout=0.2, spin=0.2)
+    # Spins briefly, then sleeps: the transport threads must read what comes after the spin.
+    x = initiator.write(peer, rs, rd.id, [[0, 0, 65536]], notify=b"late")
+    time.sleep(0.05)
+    target.wait_notification(b"late", timeout=5)
+    x.wait(5)
+    y = threading.Timer(0.1, lambda: initiator.write(peer, rs, rd.id, [[0, 0, 65536]],
+                                                     notify=b"later"))
+    y.start()
+    target.wait_notification(b"later", timeout=5, spin=0.01)
+    y.join()
+    assert (dst[:65536] == src[:65536]).all()
+
+
+def test_a_peer_dying_mid_frame_neither_hangs_a_spinning_waiter_nor_disturbs_others(linked):
+    target, initiator, peer, rs, rd, src, dst = linked
+    guarded = np.zeros(4096, np.uint8)
+    rg = target.register(guarded, remote_write=True)
+    ctrl, welcome = rc.connect(target.address)
+    d = rc.open_data(welcome)
+    frame = rc.data_frame(rc.D_WRITE, 77, rg.id, welcome["regions"][rg.id]["key"], [(0, 64)],
+                          b"x" * 64)
+    d.sendall(frame[:-56])  # 8 of its 64 payload bytes; the rest never comes
+    t0 = time.monotonic()
+    with pytest.raises(kvt.TimeoutError):
+        target.wait_notification(b"never-sent", timeout=0.5, spin=0.5)
+    assert time.monotonic() - t0 < 2
+    d.close()
+    ctrl.close()
+    x = initiator.write(peer, rs, rd.id, [[0, 0, 65536]], notify=b"still-fine")
+    target.wait_notification(b"still-fine", timeout=5, spin=5)
+    x.wait(5)
+    assert (guarded[8:] == 0).all()
+
+
+def test_hostile_frames_met_by_a_spinning_waiter_are_refused_as_usual(linked):
+    target, initiator, peer, rs, rd, src, dst = linked
+    guarded = np.zeros(4096, np.uint8)
+    rg = target.register(guarded, remote_write=True)
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(kvt.TimeoutError):
+                target.wait_notification(b"never", timeout=0.05, spin=0.05)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    time.sleep(0.05)
+
+    def attack(make_frame) -> None:
+        ctrl, welcome = rc.connect(target.address)
+        d = rc.open_data(welcome)
+        with contextlib.suppress(OSError):
+            d.sendall(make_frame(welcome["regions"]))
+            d.shutdown(socket.SHUT_WR)
+            d.recv(64)
+        d.close()
+        ctrl.close()
+
+    g = rg.id
+    attack(lambda r: rc.data_frame(rc.D_WRITE, 1, g, r[g]["key"] ^ 1, [(0, 4)], b"evil"))
+    attack(lambda r: rc.data_frame(rc.D_WRITE, 2, g, r[g]["key"], [(4094, 4)], b"evil"))
+    attack(lambda r: rc.data_frame(rc.D_WRITE, 3, g, r[g]["key"], [(0, 4)], b"evil",
+                                   corrupt_crc=True))
+    attack(lambda r: rc.data_frame(rc.D_BEGIN, 4, payload=b"\x04" + b"\x00" * 28, flags=1)
+           + b"bad!")
+    time.sleep(0.3)
+    # A legitimate peer is undisturbed, and its notification reaches the spinning loop's peers.
+    x = initiator.write(peer, rs, rd.id, [[0, 0, 65536]], notify=b"legit")
+    target.wait_notification(b"legit", timeout=5, spin=5)
+    x.wait(5)
+    stop.set()
+    t.join(5)
+    assert (guarded == 0).all(), "hostile frames must not touch memory"
+    text = " ".join(map(str, target.errors()))
+    for fragment in ["wrong key", "outside region", "crc32c"]:
+        assert fragment in text, fragment
