@@ -135,3 +135,23 @@ def test_a_wrong_block_in_any_rep_means_no_number():
     good = RepResult(1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0, 0)
     with pytest.raises(VerificationError, match="wrong blocks after reps {0: 1}"):
         summarize("x", w, [RepResult(1e-3, 1e-3, 1e-3, 0.0, 0.0, 0.0, 1), good, good], {})
+
+
+def test_repeated_runs_report_the_median_run_and_keep_every_runs_figure(tmp_path):
+    (rec,) = bench(tmp_path, "--runs", "3")
+    assert_verified(rec)
+    assert rec["runs"] == 3 and len(rec["run_headlines"]) == 3
+    assert rec["gbps_p50"] == sorted(rec["run_headlines"])[1]
+
+
+def test_the_median_run_is_chosen_by_time_for_latency_rows_and_a_failure_wins():
+    from kvtransfer.bench.cli import median_runs
+
+    def run(us: float, **extra) -> dict:
+        return {"system": "s", "workload": "latency-64KiB", "verified": True,
+                "latency_s_p50": us * 1e-6, "latency_us_p50": us, "tag": us, **extra}
+
+    (rec,) = median_runs([run(90), run(40), run(55), run(41), run(300)])
+    assert rec["tag"] == 55 and rec["runs"] == 5
+    (rec,) = median_runs([run(40), run(41, verified=False, error="bad block")])
+    assert rec["error"] == "bad block"

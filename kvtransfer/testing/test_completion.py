@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -38,6 +39,28 @@ def test_notification_arrives_exactly_once_and_after_all_data(endpoint):
     assert target.notifications() == []
     with pytest.raises(kvt.TimeoutError):
         target.wait_notification(b"t0", timeout=0.1)
+
+
+def test_a_spinning_waiter_gets_the_same_data_and_completions(endpoint):
+    """wait_notification(spin=) may read inbound data on the waiter's own thread (TCP, cma):
+    small writes and a large one still land whole, notify once, and complete at the initiator."""
+    bs, n = 64 << 10, 40
+    target, initiator, peer, rs, rd, src, dst = _pair(endpoint, 8 << 20)
+    seen: list[bytes] = []
+
+    def wait_all() -> None:
+        for tag in [b"s%d" % i for i in range(n)] + [b"big"]:
+            seen.append(target.wait_notification(tag, timeout=10, spin=10).payload)
+
+    waiter = threading.Thread(target=wait_all)
+    waiter.start()
+    for i in range(n):
+        time.sleep(0.001)  # the waiter is spinning by now
+        initiator.write(peer, rs, rd.id, [[i * bs, i * bs, bs]], notify=b"s%d" % i).wait(10)
+    initiator.write(peer, rs, rd.id, [[0, 0, 8 << 20]], notify=b"big").wait(10)
+    waiter.join(20)
+    assert seen == [b"s%d" % i for i in range(n)] + [b"big"]
+    assert np.array_equal(dst, src)
 
 
 def test_write_then_read_back_round_trips(endpoint, caps):

@@ -54,14 +54,6 @@ def test_a_spinning_waiter_reads_small_writes_itself_and_every_initiator_sees_do
     assert initiator.stats()["transfers_done"] == 50
 
 
-def test_large_frames_while_spinning_are_left_to_the_transport_threads(linked):
-    target, initiator, peer, rs, rd, src, dst = linked
-    x = initiator.write(peer, rs, rd.id, [[0, 0, 16 * MiB]], notify=b"big")
-    target.wait_notification(b"big", timeout=10, spin=10)
-    x.wait(10)
-    assert (dst == src).all()
-
-
 def test_reads_served_while_a_waiter_spins(linked):
     target, initiator, peer, rs, rd, src, dst = linked
     dst[:] = src

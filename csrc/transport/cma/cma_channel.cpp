@@ -101,7 +101,10 @@ void send_msg(const net::Socket& s, MsgType type, uint32_t arg, uint64_t slot,
   }
 }
 
-bool recv_msg(const net::Socket& s, Msg& out) {
+namespace {
+
+// One record; 0 at end of file, -1 when `flags` has MSG_DONTWAIT and none is queued.
+ssize_t recv_record(const net::Socket& s, Msg& out, int flags) {
   Wire w{};
   char text[kMaxText];
   struct iovec iov[2] = {{&w, sizeof w}, {text, sizeof text}};
@@ -112,14 +115,15 @@ bool recv_msg(const net::Socket& s, Msg& out) {
   m.msg_control = control;
   m.msg_controllen = sizeof control;
   ssize_t r;
-  while ((r = ::recvmsg(s.fd(), &m, MSG_CMSG_CLOEXEC)) < 0) {
+  while ((r = ::recvmsg(s.fd(), &m, MSG_CMSG_CLOEXEC | flags)) < 0) {
     if (errno == EINTR) continue;
     if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      if (flags & MSG_DONTWAIT) return -1;
       fail(ErrorCode::kTimeout, "cma session socket: the peer did not answer in time");
     }
     fail(ErrorCode::kTransport, std::string("cma session socket: receive failed: ") + std::strerror(errno));
   }
-  if (r == 0) return false;
+  if (r == 0) return 0;
   out.fds.clear();
   for (struct cmsghdr* c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
     if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
@@ -139,7 +143,16 @@ bool recv_msg(const net::Socket& s, Msg& out) {
   out.arg = w.arg;
   out.slot = w.slot;
   out.text.assign(text, static_cast<size_t>(r) - sizeof w);
-  return true;
+  return r;
+}
+
+}  // namespace
+
+bool recv_msg(const net::Socket& s, Msg& out) { return recv_record(s, out, 0) > 0; }
+
+Received recv_msg_now(const net::Socket& s, Msg& out) {
+  ssize_t r = recv_record(s, out, MSG_DONTWAIT);
+  return r > 0 ? Received::kRecord : r == 0 ? Received::kEnd : Received::kNothing;
 }
 
 int peer_pid(const net::Socket& s) {

@@ -44,6 +44,9 @@ void send_msg(const net::Socket& s, MsgType type, uint32_t arg, uint64_t slot,
               const std::string& text = "", const std::vector<int>& fds = {});
 // One record; false at end of file. Throws on errors and malformed records.
 bool recv_msg(const net::Socket& s, Msg& out);
+enum class Received { kRecord, kNothing, kEnd };
+// One record if one is queued, without blocking; throws as recv_msg does.
+Received recv_msg_now(const net::Socket& s, Msg& out);
 // The pid of the process at the other end (as seen from this pid namespace; 0 if invisible).
 int peer_pid(const net::Socket& s);
 void set_recv_timeout(const net::Socket& s, double seconds);

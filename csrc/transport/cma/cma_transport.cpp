@@ -221,8 +221,7 @@ void CmaTransport::accept_loop() {
       if (errno == EINTR || errno == ECONNABORTED) continue;
       return;  // listener shut down
     }
-    auto s = std::make_shared<Session>();
-    s->sock = net::Socket(fd);
+    auto s = std::make_shared<Session>(fd);
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (stopping_.load()) return;
@@ -255,6 +254,7 @@ void CmaTransport::serve(std::shared_ptr<Session> s) {
     }
     send_msg(s->sock, MsgType::kWelcome, 0, 0, "", {table_.fd(), s->board->fd()});
     set_recv_timeout(s->sock, 0);
+    s->serving.store(true, std::memory_order_release);
     serve_records(*s);
   } catch (const Error& e) {
     if (!stopping_.load()) ctx_.sink.on_link_failed(s->peer, e);
@@ -273,30 +273,86 @@ void CmaTransport::serve(std::shared_ptr<Session> s) {
   sessions_.erase(s.get());
 }
 
+// The session's own thread: sleeps until a record comes (SpinReaders::wait), then reads while
+// any are queued. A spinning waiter may have taken them first (poll_inbound).
 void CmaTransport::serve_records(Session& s) {
   Msg m;
-  // End of file: the initiator closed the session (its control connection reports why).
-  while (recv_msg(s.sock, m)) {
-    for (int fd : m.fds) ::close(fd);
-    if (m.type == MsgType::kArrived) {
-      if (!m.text.empty()) ctx_.sink.on_begin(s.peer, m.text);
-      ctx_.sink.on_arrival(s.peer, m.slot, m.arg);
-    } else if (m.type == MsgType::kBegin) {
-      ctx_.sink.on_begin(s.peer, m.text);
-    } else if (m.type == MsgType::kRefused) {
-      auto code = static_cast<ErrorCode>(m.arg);
-      if (code < ErrorCode::kInvalidRequest || code > ErrorCode::kProtocol) code = ErrorCode::kProtocol;
-      ctx_.sink.on_refused(s.peer, m.slot, Error(code, "the initiator's access was refused: " + m.text));
-      if (code == ErrorCode::kProtocol) {
-        // A wrong key or bounds: nothing landed, but as on TCP it ends that peer's session.
-        fail(ErrorCode::kProtocol, "cma: transfer " + std::to_string(m.slot) + " of peer session " +
-                                       std::to_string(s.peer) + " was refused: " + m.text);
+  while (!stopping_.load()) {
+    {
+      std::lock_guard<std::mutex> lock(s.io.mu);
+      if (s.failure) throw *s.failure;  // met by a spinning waiter; reported from here
+      Received got = recv_msg_now(s.sock, m);
+      // End of file: the initiator closed the session (its control connection reports why).
+      if (got == Received::kEnd) return;
+      if (got == Received::kRecord) {
+        handle_record(s, m);
+        continue;
       }
-    } else {
-      fail(ErrorCode::kProtocol, "cma: unexpected record type " +
-                                     std::to_string(static_cast<uint32_t>(m.type)) + " from an initiator");
+      s.io.handoff.store(false);  // drained: a spinning waiter may read it again
+    }
+    spin_.wait(s.io, stopping_);
+  }
+}
+
+void CmaTransport::handle_record(Session& s, Msg& m) {
+  for (int fd : m.fds) ::close(fd);
+  if (m.type == MsgType::kArrived) {
+    if (!m.text.empty()) ctx_.sink.on_begin(s.peer, m.text);
+    ctx_.sink.on_arrival(s.peer, m.slot, m.arg);
+  } else if (m.type == MsgType::kBegin) {
+    ctx_.sink.on_begin(s.peer, m.text);
+  } else if (m.type == MsgType::kRefused) {
+    auto code = static_cast<ErrorCode>(m.arg);
+    if (code < ErrorCode::kInvalidRequest || code > ErrorCode::kProtocol) code = ErrorCode::kProtocol;
+    ctx_.sink.on_refused(s.peer, m.slot, Error(code, "the initiator's access was refused: " + m.text));
+    if (code == ErrorCode::kProtocol) {
+      // A wrong key or bounds: nothing landed, but as on TCP it ends that peer's session.
+      fail(ErrorCode::kProtocol, "cma: transfer " + std::to_string(m.slot) + " of peer session " +
+                                     std::to_string(s.peer) + " was refused: " + m.text);
+    }
+  } else {
+    fail(ErrorCode::kProtocol, "cma: unexpected record type " +
+                                   std::to_string(static_cast<uint32_t>(m.type)) + " from an initiator");
+  }
+}
+
+bool CmaTransport::spin_begin() {
+  std::vector<SpinReaders::Reader*> readers;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [_, s] : sessions_) readers.push_back(&s->io);
+  spin_.begin(readers);
+  return true;
+}
+
+// Records are whole messages (SEQPACKET), so a spinning waiter reads every queued one; an error
+// or the end of the session goes back to the session's thread, which ends it as usual.
+bool CmaTransport::poll_inbound() {
+  std::vector<std::shared_ptr<Session>> sessions;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_.load()) return false;
+    for (auto& [_, s] : sessions_) {
+      if (s->serving.load(std::memory_order_acquire)) sessions.push_back(s);
     }
   }
+  bool handled = false;
+  Msg m;
+  for (auto& s : sessions) {
+    std::unique_lock<std::mutex> lock(s->io.mu, std::try_to_lock);
+    if (!lock.owns_lock() || s->failure || s->io.handoff.load()) continue;
+    try {
+      Received got;
+      while ((got = recv_msg_now(s->sock, m)) == Received::kRecord) {
+        handle_record(*s, m);
+        handled = true;
+      }
+      if (got == Received::kEnd) spin_.hand_back(s->io);
+    } catch (const Error& e) {
+      s->failure = e;
+      spin_.hand_back(s->io);
+    }
+  }
+  return handled;
 }
 
 void CmaTransport::shutdown() {
@@ -323,6 +379,7 @@ void CmaTransport::shutdown() {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [_, s] : sessions_) s->sock.shutdown_both();
   }
+  spin_.stop();
   threads_.join_all();
 }
 

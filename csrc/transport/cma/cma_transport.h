@@ -8,13 +8,16 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "core/thread_set.h"
 #include "net/socket.h"
+#include "transport/cma/cma_channel.h"
 #include "transport/cma/cma_region_table.h"
+#include "transport/spin_readers.h"
 #include "transport/transport.h"
 
 namespace kvt::cma {
@@ -33,18 +36,26 @@ class CmaTransport : public Transport {
   std::unique_ptr<DataLink> connect(uint64_t peer, const std::string& remote_address,
                                     uint64_t token) override;
   void shutdown() override;
+  bool spin_begin() override;
+  bool poll_inbound() override;
+  void spin_end() override { spin_.end(); }
 
  private:
   // One initiator's session with us: its socket and the busy board it marks accesses on.
   struct Session {
+    explicit Session(int fd) : sock(fd), io(fd) {}
     net::Socket sock;
+    SpinReaders::Reader io;  // io.mu: one reader at a time, its thread or a spinning waiter
     uint64_t peer = 0;
     std::unique_ptr<BusyBoard> board;
+    std::atomic<bool> serving{false};  // past its hello: records may be read by any thread
     std::atomic<bool> gone{false};  // the initiator closed its end: it copies nothing more
+    std::optional<Error> failure;   // under io.mu: what a spinning waiter met, for its thread
   };
   void accept_loop();
   void serve(std::shared_ptr<Session> s);
   void serve_records(Session& s);
+  void handle_record(Session& s, Msg& m);
   // Waits until no live session accesses `slot`; false (naming who) when the deadline passes.
   bool drain(uint32_t slot, double timeout_s, std::string& holder);
 
@@ -57,6 +68,7 @@ class CmaTransport : public Transport {
   std::unordered_map<uint64_t, uint64_t> tokens_;   // session token -> peer
   std::unordered_map<Session*, std::shared_ptr<Session>> sessions_;
   std::atomic<bool> stopping_{false};
+  SpinReaders spin_;
   ThreadSet threads_;
 };
 

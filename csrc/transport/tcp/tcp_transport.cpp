@@ -1,6 +1,5 @@
 #include "transport/tcp/tcp_transport.h"
 
-#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/time.h>
@@ -85,8 +84,7 @@ void TcpTransport::accept_loop() {
       if (errno == EINTR || errno == ECONNABORTED) continue;
       return;  // listener shut down
     }
-    auto conn = std::make_shared<Inbound>();
-    conn->sock = net::Socket(fd);
+    auto conn = std::make_shared<Inbound>(fd);
     net::set_nodelay(conn->sock);
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -123,20 +121,19 @@ void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
     if (!stopping_.load()) ctx_.sink.on_link_failed(conn->peer, e);
   }
   {
-    std::lock_guard<std::mutex> lock(conn->reader);  // a spinning waiter reads no more of it
+    std::lock_guard<std::mutex> lock(conn->io.mu);  // a spinning waiter reads no more of it
     conn->ended = true;
   }
   std::lock_guard<std::mutex> lock(mu_);
   inbound_.erase(conn.get());
 }
 
-// The connection's own thread: sleeps in poll() until bytes come, then reads frames while any
-// are queued. A spinning waiter may have taken them first (poll_inbound), hence the peek.
+// The connection's own thread: sleeps until bytes come (SpinReaders::wait), then reads frames
+// while any are queued. A spinning waiter may have taken them first, hence the peek.
 void TcpTransport::serve_frames(Inbound& conn) {
-  struct pollfd pfds[2] = {{conn.sock.fd(), POLLIN, 0}, {conn.kick.fd(), POLLIN, 0}};
   while (!stopping_.load()) {
     {
-      std::lock_guard<std::mutex> lock(conn.reader);
+      std::lock_guard<std::mutex> lock(conn.io.mu);
       if (conn.ended) return;
       uint8_t byte;
       ssize_t r = ::recv(conn.sock.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
@@ -151,56 +148,21 @@ void TcpTransport::serve_frames(Inbound& conn) {
         fail(ErrorCode::kTransport, "TCP data connection failed while waiting for a frame: " +
                                         std::string(std::strerror(errno)));
       }
-      conn.handoff.store(false);  // drained: a spinning waiter may read it again
+      conn.io.handoff.store(false);  // drained: a spinning waiter may read it again
     }
-    if (park_while_spinning(conn)) continue;
-    // Either a new spinner sees `polling` and kicks, or this sees the spinner (both seq_cst).
-    conn.polling.store(true);
-    if (spinners_.load() > 0) {
-      conn.polling.store(false);
-      continue;
-    }
-    int rc = ::poll(pfds, 2, -1);
-    conn.polling.store(false);
-    if (rc < 0 && errno != EINTR) {
-      fail(ErrorCode::kTransport, "poll on a TCP data connection failed: " +
-                                      std::string(std::strerror(errno)));
-    }
-    if (pfds[1].revents & POLLIN) conn.kick.clear();
+    spin_.wait(conn.io, stopping_);
   }
-}
-
-// While a waiter spins, the connection's thread sleeps away from the socket, so that a frame
-// arriving wakes nobody: the waiter reads it. True if it slept.
-bool TcpTransport::park_while_spinning(Inbound& conn) {
-  if (spinners_.load() == 0 || conn.handoff.load()) return false;
-  std::unique_lock<std::mutex> lock(park_mu_);
-  park_cv_.wait(lock, [&] {
-    return stopping_.load() || spinners_.load() == 0 || conn.handoff.load();
-  });
-  return true;
 }
 
 bool TcpTransport::spin_begin() {
-  spinners_.fetch_add(1);
+  std::vector<SpinReaders::Reader*> readers;
   std::lock_guard<std::mutex> lock(mu_);
-  for (auto& [_, c] : inbound_) {
-    if (c->polling.load()) c->kick.signal();
-  }
+  for (auto& [_, c] : inbound_) readers.push_back(&c->io);
+  spin_.begin(readers);
   return true;
 }
 
-void TcpTransport::spin_end() {
-  if (spinners_.fetch_sub(1) != 1) return;
-  { std::lock_guard<std::mutex> lock(park_mu_); }  // a thread deciding to park sees it or is woken
-  park_cv_.notify_all();
-}
-
-void TcpTransport::hand_off(Inbound& conn) {
-  conn.handoff.store(true);
-  { std::lock_guard<std::mutex> lock(park_mu_); }
-  park_cv_.notify_all();
-}
+void TcpTransport::spin_end() { spin_.end(); }
 
 namespace {
 // A spinning waiter reads frames up to this size; larger ones are bandwidth traffic that its
@@ -253,8 +215,8 @@ bool TcpTransport::poll_inbound() {
   }
   bool handled = false;
   for (auto& c : conns) {
-    std::unique_lock<std::mutex> lock(c->reader, std::try_to_lock);
-    if (!lock.owns_lock() || c->ended || c->handoff.load()) continue;
+    std::unique_lock<std::mutex> lock(c->io.mu, std::try_to_lock);
+    if (!lock.owns_lock() || c->ended || c->io.handoff.load()) continue;
     try {
       while (true) {
         Queued q = queued_frame(*c);
@@ -269,7 +231,7 @@ bool TcpTransport::poll_inbound() {
           if (c->partial_since == std::chrono::steady_clock::time_point{}) c->partial_since = now;
           if (now - c->partial_since < kWaiterPartialWait) break;  // the rest is on its way
         }
-        if (q != Queued::kNothing) hand_off(*c);
+        if (q != Queued::kNothing) spin_.hand_back(c->io);
         c->partial_since = {};
         break;
       }
@@ -277,7 +239,7 @@ bool TcpTransport::poll_inbound() {
       // Ended here, reported here: the connection's thread sees `ended` and leaves quietly.
       c->ended = true;
       c->sock.shutdown_both();
-      hand_off(*c);
+      spin_.hand_back(c->io);
       if (!stopping_.load()) ctx_.sink.on_link_failed(c->peer, e);
     }
   }
@@ -425,8 +387,7 @@ void TcpTransport::shutdown() {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [_, c] : inbound_) c->sock.shutdown_both();
   }
-  { std::lock_guard<std::mutex> lock(park_mu_); }
-  park_cv_.notify_all();
+  spin_.stop();
   threads_.join_all();
 }
 

@@ -8,7 +8,6 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -16,8 +15,8 @@
 #include <vector>
 
 #include "core/thread_set.h"
-#include "net/event_fd.h"
 #include "net/socket.h"
+#include "transport/spin_readers.h"
 #include "transport/transport.h"
 #include "wire/data_frame.h"
 
@@ -46,16 +45,13 @@ class TcpTransport : public Transport {
 
  private:
   struct Inbound {
+    explicit Inbound(int fd) : sock(fd), io(fd) {}
     net::Socket sock;
-    net::EventFd kick;  // wakes its thread out of poll() when a waiter starts to spin
+    SpinReaders::Reader io;  // io.mu: one reader at a time, its thread or a spinning waiter
     uint64_t peer = 0;
     std::atomic<bool> serving{false};  // past its hello: frames may be read by any thread
-    std::atomic<bool> polling{false};  // its thread sleeps in poll() on the socket
-    std::atomic<bool> handoff{false};  // a spinning waiter left a frame to its thread
-    // One reader at a time: the connection's thread, or a spinning waiter (poll_inbound).
-    std::mutex reader;
-    bool ended = false;  // under `reader`: the connection failed or closed; nobody reads it
-    std::chrono::steady_clock::time_point partial_since{};  // under `reader`
+    bool ended = false;  // under io.mu: the connection failed or closed; nobody reads it
+    std::chrono::steady_clock::time_point partial_since{};  // under io.mu
     std::vector<wire::DataDesc> descs;
     std::vector<uint8_t> raw;
     std::vector<struct iovec> iov;
@@ -65,10 +61,8 @@ class TcpTransport : public Transport {
   void accept_loop();
   void serve(std::shared_ptr<Inbound> conn);
   void serve_frames(Inbound& conn);
-  bool park_while_spinning(Inbound& conn);
   void serve_frame(Inbound& conn);
   Queued queued_frame(const Inbound& conn) const;
-  void hand_off(Inbound& conn);
   void discard(Inbound& conn, uint64_t bytes);
 
   TransportContext ctx_;
@@ -78,9 +72,7 @@ class TcpTransport : public Transport {
   std::unordered_map<uint64_t, uint64_t> tokens_;  // session token -> peer
   std::unordered_map<Inbound*, std::shared_ptr<Inbound>> inbound_;
   std::atomic<bool> stopping_{false};
-  std::atomic<int> spinners_{0};
-  std::mutex park_mu_;  // connection threads sleep on park_cv_ while a waiter spins
-  std::condition_variable park_cv_;
+  SpinReaders spin_;
   ThreadSet threads_;
 };
 
