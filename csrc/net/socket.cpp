@@ -96,6 +96,24 @@ void Socket::recvv_all(struct iovec* iov, size_t n, const std::string& what) {
   }
 }
 
+size_t Socket::recvv_now(struct iovec* iov, size_t n, size_t first, const std::string& what) {
+  while (first < n && iov[first].iov_len == 0) ++first;
+  while (first < n) {
+    struct msghdr msg{};
+    msg.msg_iov = iov + first;
+    msg.msg_iovlen = std::min<size_t>(n - first, IOV_MAX);
+    ssize_t r = ::recvmsg(fd_, &msg, MSG_DONTWAIT);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return first;
+      io_fail(what, "receive", errno);
+    }
+    if (r == 0) io_fail(what, "receive", 0);
+    first = advance(iov, n, first, static_cast<size_t>(r));
+  }
+  return first;
+}
+
 HostPort parse_host_port(const std::string& s) {
   auto colon = s.rfind(':');
   if (colon == std::string::npos || colon + 1 == s.size()) {

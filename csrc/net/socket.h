@@ -29,6 +29,9 @@ class Socket {
   // Sends/receives every byte described by iov[0..n); modifies the iovec array as it goes.
   void sendv_all(struct iovec* iov, size_t n, const std::string& what);
   void recvv_all(struct iovec* iov, size_t n, const std::string& what);
+  // Receives what is queued into iov[first..n) without blocking; returns the new first index
+  // (n once all of it came).
+  size_t recvv_now(struct iovec* iov, size_t n, size_t first, const std::string& what);
 
  private:
   int fd_ = -1;

@@ -135,13 +135,17 @@ void TcpTransport::serve_frames(Inbound& conn) {
     {
       std::lock_guard<std::mutex> lock(conn.io.mu);
       if (conn.ended) return;
+      if (conn.landing.active) {  // a spinning waiter started it
+        land(conn, true);
+        continue;
+      }
       uint8_t byte;
       ssize_t r = ::recv(conn.sock.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
       // A clean close between frames is the peer going away, not an error: its control
       // connection reports that.
       if (r == 0) return;
       if (r > 0) {
-        serve_frame(conn);
+        serve_frame(conn, true);
         continue;
       }
       if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -173,9 +177,10 @@ constexpr uint64_t kWaiterFrameBytes = 256u << 10;
 constexpr auto kWaiterPartialWait = std::chrono::microseconds(200);
 }  // namespace
 
-// What the socket holds for a spinning waiter. Only whole write and BEGIN frames are the
-// waiter's (reading them cannot block); read requests (their replies may block), malformed
-// headers (the thread reports them), a closed socket and large frames are the thread's.
+// What the socket holds for a spinning waiter. A whole BEGIN frame and a write frame whose head
+// (header and segments) is queued are the waiter's: it lands the payload as it comes, never
+// blocking. Read requests (their replies may block), malformed headers (the thread reports
+// them), a closed socket and large frames are the thread's.
 TcpTransport::Queued TcpTransport::queued_frame(const Inbound& conn) const {
   uint8_t header[wire::kDataHeaderSize];
   ssize_t r = ::recv(conn.sock.fd(), header, sizeof header, MSG_PEEK | MSG_DONTWAIT);
@@ -193,14 +198,13 @@ TcpTransport::Queued TcpTransport::queued_frame(const Inbound& conn) const {
     need += h.payload + 4;
   } else if (h.type == wire::DataType::kWrite && h.nseg <= kMaxSegsPerFrame &&
              h.payload <= kWaiterFrameBytes) {
-    need += uint64_t{h.nseg} * wire::kDataDescSize + h.payload +
-            ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0);
+    need += uint64_t{h.nseg} * wire::kDataDescSize;
   } else {
     return Queued::kNotForWaiter;
   }
   int queued = 0;
   if (::ioctl(conn.sock.fd(), FIONREAD, &queued) != 0) return Queued::kNotForWaiter;
-  return static_cast<uint64_t>(queued) >= need ? Queued::kWhole : Queued::kPartial;
+  return static_cast<uint64_t>(queued) >= need ? Queued::kReady : Queued::kPartial;
 }
 
 bool TcpTransport::poll_inbound() {
@@ -219,14 +223,20 @@ bool TcpTransport::poll_inbound() {
     if (!lock.owns_lock() || c->ended || c->io.handoff.load()) continue;
     try {
       while (true) {
-        Queued q = queued_frame(*c);
-        if (q == Queued::kWhole) {
-          serve_frame(*c);
+        auto& l = c->landing;
+        Queued q = l.active ? Queued::kPartial : queued_frame(*c);
+        if (q == Queued::kReady) {
+          serve_frame(*c, false);
           handled = true;
-          c->partial_since = {};
+          if (!l.active) c->partial_since = {};
           continue;
         }
         if (q == Queued::kPartial) {
+          if (l.active && land(*c, false)) {
+            handled = true;
+            c->partial_since = {};
+            continue;
+          }
           auto now = std::chrono::steady_clock::now();
           if (c->partial_since == std::chrono::steady_clock::time_point{}) c->partial_since = now;
           if (now - c->partial_since < kWaiterPartialWait) break;  // the rest is on its way
@@ -246,8 +256,9 @@ bool TcpTransport::poll_inbound() {
   return handled;
 }
 
-// Reads and acts on one frame, blocking until all of it has come.
-void TcpTransport::serve_frame(Inbound& conn) {
+// Reads and acts on one frame. Its head must be queued or `wait` true: a write frame's payload
+// is then landed as far as it has come (all of it when `wait`), the rest by land().
+void TcpTransport::serve_frame(Inbound& conn, bool wait) {
   uint8_t header[wire::kDataHeaderSize];
   auto& descs = conn.descs;
   auto& raw = conn.raw;
@@ -280,53 +291,8 @@ void TcpTransport::serve_frame(Inbound& conn) {
     }
     ctx_.sink.on_begin(conn.peer, body);
   } else if (h.type == wire::DataType::kWrite) {
-    if (!ctx_.sink.accepts(conn.peer, h.slot)) {  // failed or cancelled: never land late bytes
-      discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
-      return;
-    }
-    if (!ctx_.regions.contains(h.region)) {
-      discard(conn, h.payload + ((h.flags & wire::kFlagPayloadCrc) ? 4 : 0));
-      ctx_.sink.on_refused(conn.peer, h.slot,
-                           Error(ErrorCode::kInvalidRequest,
-                                 "region " + std::to_string(h.region) +
-                                     " was deregistered while the transfer was in flight"));
-      return;
-    }
-    auto region = ctx_.regions.check(h.region, h.key, Access::kRemoteWrite);
-    uint64_t total = 0;
-    iov.clear();
-    for (const auto& d : descs) {
-      if (!in_bounds(d.off, d.len, region->nbytes)) {
-        fail(ErrorCode::kProtocol, "write of [" + std::to_string(d.off) + ", +" +
-                                       std::to_string(d.len) + ") outside region " +
-                                       std::to_string(h.region) + " of " +
-                                       std::to_string(region->nbytes) + " bytes");
-      }
-      total += d.len;
-      iov.push_back(iovec{region->base + d.off, d.len});
-    }
-    if (total != h.payload) {
-      fail(ErrorCode::kProtocol, "write frame announces " + std::to_string(h.payload) +
-                                     " payload bytes but its segments sum to " +
-                                     std::to_string(total));
-    }
-    if (h.flags & wire::kFlagPayloadCrc) {
-      std::vector<struct iovec> landed = iov;  // recvv_all consumes its iovec array
-      conn.sock.recvv_all(iov.data(), iov.size(), what);
-      uint8_t crc_le[4];
-      conn.sock.recv_all(crc_le, 4, what);
-      if (wire::get_u32_le(crc_le) != wire::crc32c_iov(landed.data(), landed.size())) {
-        ctx_.sink.on_refused(conn.peer, h.slot,
-                             Error(ErrorCode::kProtocol,
-                                   "payload of transfer " + std::to_string(h.slot) + " (frame " +
-                                       std::to_string(h.frame) +
-                                       ") fails its crc32c: corrupted in flight"));
-        return;
-      }
-    } else {
-      conn.sock.recvv_all(iov.data(), iov.size(), what);
-    }
-    ctx_.sink.on_arrival(conn.peer, h.slot, 1);
+    start_landing(conn, h);
+    land(conn, wait);
   } else if (h.type == wire::DataType::kReadReq) {
     wire::DataHeader reply;
     reply.slot = h.slot;
@@ -371,13 +337,86 @@ void TcpTransport::serve_frame(Inbound& conn) {
   }
 }
 
-void TcpTransport::discard(Inbound& conn, uint64_t bytes) {
-  std::vector<char> sink(std::min<uint64_t>(bytes, 1 << 20));
-  while (bytes > 0) {
-    uint64_t n = std::min<uint64_t>(bytes, sink.size());
-    conn.sock.recv_all(sink.data(), n, "TCP data connection");
-    bytes -= n;
+// Checks a write frame's head (key, bounds, sizes) and says where its payload goes: into the
+// region, or, for a transfer that already failed or a region deregistered meanwhile, away.
+void TcpTransport::start_landing(Inbound& conn, const wire::DataHeader& h) {
+  using Then = Inbound::Landing::Then;
+  auto& l = conn.landing;
+  l.h = h;
+  l.left.clear();
+  l.first = 0;
+  const bool crc = h.flags & wire::kFlagPayloadCrc;
+  const bool accepted = ctx_.sink.accepts(conn.peer, h.slot);
+  if (!accepted || !ctx_.regions.contains(h.region)) {
+    // Failed or cancelled: never land late bytes. Deregistered: the transfer fails.
+    l.then = accepted ? Then::kRefuseGone : Then::kForget;
+    l.sink.resize(std::min<uint64_t>(h.payload + 4, 1 << 20));
+    for (uint64_t left = h.payload + (crc ? 4 : 0); left > 0;) {
+      uint64_t n = std::min<uint64_t>(left, l.sink.size());
+      l.left.push_back(iovec{l.sink.data(), n});
+      left -= n;
+    }
+    l.active = true;
+    return;
   }
+  auto region = ctx_.regions.check(h.region, h.key, Access::kRemoteWrite);
+  uint64_t total = 0;
+  for (const auto& d : conn.descs) {
+    if (!in_bounds(d.off, d.len, region->nbytes)) {
+      fail(ErrorCode::kProtocol, "write of [" + std::to_string(d.off) + ", +" +
+                                     std::to_string(d.len) + ") outside region " +
+                                     std::to_string(h.region) + " of " +
+                                     std::to_string(region->nbytes) + " bytes");
+    }
+    total += d.len;
+    l.left.push_back(iovec{region->base + d.off, d.len});
+  }
+  if (total != h.payload) {
+    fail(ErrorCode::kProtocol, "write frame announces " + std::to_string(h.payload) +
+                                   " payload bytes but its segments sum to " +
+                                   std::to_string(total));
+  }
+  if (crc) {
+    l.places = l.left;  // receiving consumes `left`
+    l.left.push_back(iovec{l.crc_le, 4});
+  }
+  l.then = Then::kArrive;
+  l.active = true;
+}
+
+// Receives the rest of the landing frame (all of it when `wait`, else what is queued); true
+// once it is complete and acted on.
+bool TcpTransport::land(Inbound& conn, bool wait) {
+  using Then = Inbound::Landing::Then;
+  auto& l = conn.landing;
+  const std::string what = "TCP data connection";
+  if (wait) {
+    conn.sock.recvv_all(l.left.data() + l.first, l.left.size() - l.first, what);
+    l.first = l.left.size();
+  } else {
+    l.first = conn.sock.recvv_now(l.left.data(), l.left.size(), l.first, what);
+    if (l.first < l.left.size()) return false;
+  }
+  l.active = false;
+  const wire::DataHeader& h = l.h;
+  if (l.then == Then::kForget) return true;
+  if (l.then == Then::kRefuseGone) {
+    ctx_.sink.on_refused(conn.peer, h.slot,
+                         Error(ErrorCode::kInvalidRequest,
+                               "region " + std::to_string(h.region) +
+                                   " was deregistered while the transfer was in flight"));
+    return true;
+  }
+  if ((h.flags & wire::kFlagPayloadCrc) &&
+      wire::get_u32_le(l.crc_le) != wire::crc32c_iov(l.places.data(), l.places.size())) {
+    ctx_.sink.on_refused(conn.peer, h.slot,
+                         Error(ErrorCode::kProtocol,
+                               "payload of transfer " + std::to_string(h.slot) + " (frame " +
+                                   std::to_string(h.frame) + ") fails its crc32c: corrupted in flight"));
+    return true;
+  }
+  ctx_.sink.on_arrival(conn.peer, h.slot, 1);
+  return true;
 }
 
 void TcpTransport::shutdown() {

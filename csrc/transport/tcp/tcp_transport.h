@@ -55,15 +55,30 @@ class TcpTransport : public Transport {
     std::vector<wire::DataDesc> descs;
     std::vector<uint8_t> raw;
     std::vector<struct iovec> iov;
+    // A write frame whose head was read and checked and whose payload is still coming: a
+    // spinning waiter lands what is queued and comes back for the rest, or leaves the rest to
+    // the connection's thread. Under io.mu.
+    struct Landing {
+      enum class Then { kArrive, kForget, kRefuseGone } then = Then::kArrive;
+      bool active = false;
+      wire::DataHeader h;
+      std::vector<struct iovec> left;    // still to come (advanced in place), crc32c last
+      size_t first = 0;
+      std::vector<struct iovec> places;  // the payload's places, for its crc32c
+      uint8_t crc_le[4] = {};
+      std::vector<char> sink;            // where discarded bytes go
+    } landing;
   };
-  enum class Queued { kNothing, kWhole, kPartial, kNotForWaiter };
+  // For a spinning waiter: kReady when reading the next frame up to its payload cannot block.
+  enum class Queued { kNothing, kReady, kPartial, kNotForWaiter };
 
   void accept_loop();
   void serve(std::shared_ptr<Inbound> conn);
   void serve_frames(Inbound& conn);
-  void serve_frame(Inbound& conn);
+  void serve_frame(Inbound& conn, bool wait);
+  void start_landing(Inbound& conn, const wire::DataHeader& h);
+  bool land(Inbound& conn, bool wait);
   Queued queued_frame(const Inbound& conn) const;
-  void discard(Inbound& conn, uint64_t bytes);
 
   TransportContext ctx_;
   net::Socket listener_;
