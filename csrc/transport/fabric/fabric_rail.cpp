@@ -120,7 +120,7 @@ void Rail::open() {
   const bool can_block = std::strcmp(info_->fabric_attr->prov_name, "shm") != 0;
   cq_attr.wait_obj = can_block ? FI_WAIT_UNSPEC : FI_WAIT_NONE;
   cq_waits_ = can_block;
-  post_inline_ = can_block && !std::getenv("KVT_NOINLINE");  // shm: only the completion thread calls into the provider
+  post_inline_ = can_block;  // shm: only the completion thread calls into the provider
   int rc = fi_cq_open(obj_->domain, &cq_attr, &obj_->cq, nullptr);
   if (rc != 0 && can_block) {  // no wait objects (EFA before 2.4): poll with back-off instead
     cq_attr.wait_obj = FI_WAIT_NONE;
