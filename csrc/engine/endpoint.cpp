@@ -386,22 +386,24 @@ void Endpoint::settle(const InboundOutcome& o) {
   }
   auto peer = find_peer(o.peer);
   if (!peer || peer->dead) return;
-  std::vector<OwedAck> acks{OwedAck{peer, wire::Ack{o.slot, o.ok ? 0u : static_cast<uint32_t>(o.code), o.error}}};
+  OwedAck ack{peer, wire::Ack{o.slot, o.ok ? 0u : static_cast<uint32_t>(o.code), o.error}};
   if (owed_acks_) {  // a spinning waiter settled it: see wait_notification
-    owed_acks_->push_back(std::move(acks.front()));
+    owed_acks_->push_back(std::move(ack));
     return;
   }
-  send_acks(acks);
+  send_ack(ack);
+}
+
+void Endpoint::send_ack(const OwedAck& a) {
+  try {
+    a.peer->control->send(wire::MsgType::kAck, wire::encode(a.ack));
+  } catch (const Error&) {
+    // The control loop reports the broken connection.
+  }
 }
 
 void Endpoint::send_acks(std::vector<OwedAck>& acks) {
-  for (const auto& a : acks) {
-    try {
-      a.peer->control->send(wire::MsgType::kAck, wire::encode(a.ack));
-    } catch (const Error&) {
-      // The control loop reports the broken connection.
-    }
-  }
+  for (const auto& a : acks) send_ack(a);
   acks.clear();
 }
 
@@ -604,6 +606,7 @@ Notification Endpoint::wait_notification(const std::string& payload, double time
     if (!started) {
       started = true;
       spinning = transport_->spin_begin();
+      if (spinning) handoff_.watch();
     }
     if (!spinning) return false;
     send_acks(acks);
@@ -623,7 +626,7 @@ Notification Endpoint::wait_notification(const std::string& payload, double time
 }
 
 void Endpoint::end_spin(std::vector<OwedAck> acks) {
-  handoff_.post([this, acks = std::move(acks)]() mutable {
+  handoff_.post_quietly([this, acks = std::move(acks)]() mutable {
     send_acks(acks);
     transport_->spin_end();
   });

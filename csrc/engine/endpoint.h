@@ -117,6 +117,7 @@ class Endpoint : public TransportSink {
   // Set while a spinning waiter reads inbound data (wait_notification): the ACKs that what it
   // settles owes are collected there instead of sent.
   static thread_local std::vector<OwedAck>* owed_acks_;
+  void send_ack(const OwedAck& ack);
   void send_acks(std::vector<OwedAck>& acks);
   void end_spin(std::vector<OwedAck> acks);
   void finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code, const std::string& error);

@@ -55,8 +55,9 @@ PEERS = {  # --peers name -> (module, variants)
     "nixl": ("kvtransfer.bench.peers.nixl", ["nixl-ucx-tcp", "nixl-ucx-default"]),
     "mooncake": ("kvtransfer.bench.peers.mooncake", ["mooncake-tcp"]),
 }
-# Where both sides spin (the latency workload), NIXL is also measured at its best on 2 cores: no
-# progress thread, the spinning caller driving UCX (system name "<variant>-noprogthread").
+# Where both sides spin (the latency write), NIXL is also measured at its best on 2 cores: no
+# progress thread, the spinning caller driving UCX (system name "<variant>-noprogthread"). Not
+# for reads: without its progress thread NIXL's passive side serves no READ unless it polls.
 BUSY_POLL_PEERS = {
     "nixl": [("nixl-ucx-tcp", {"progress_thread": False}),
              ("nixl-ucx-default", {"progress_thread": False})],
@@ -128,7 +129,7 @@ def _systems(args: argparse.Namespace, workload: Workload
     for peer in args.peers:
         module, variants = PEERS[peer]
         out.extend((v, module, {"variant": v}) for v in variants)
-        if workload.busy_poll:
+        if workload.busy_poll and workload.op == "write":
             out.extend((f"{v}-noprogthread", module, {"variant": v, **opts})
                        for v, opts in BUSY_POLL_PEERS.get(peer, []))
     return out
@@ -161,10 +162,9 @@ def _dims(workload: Workload, network: str) -> dict[str, Any]:
             "netns": network != "loopback"}
 
 
-def _run_one(module: str, workload: Workload, kwargs: dict[str, Any], hosts: Any
+def _run_one(system: str, module: str, workload: Workload, kwargs: dict[str, Any], hosts: Any
              ) -> dict[str, Any]:
     network = "loopback" if hosts is None else "veth between network namespaces"
-    system = kwargs["variant"]
     try:
         mod = importlib.import_module(module)
         if hosts is None:
@@ -376,7 +376,7 @@ def _run_all(args: argparse.Namespace, workloads: list[tuple[Workload, str]],
     for w, note, label, module, kw in runs:
         if bar:
             bar.set_description(f"{label} {w.label}")
-        rec = _run_one(module, w, kw, hosts)
+        rec = _run_one(label, module, w, kw, hosts)
         if note:
             rec["scaled"] = note
         records.append(rec)
