@@ -79,7 +79,7 @@ def _ratio(w: str, here: list[dict], label: str, ours_name: str, peers_label: st
         best = min(peers, key=lambda r: r["latency_s_p50"])
         return (f"- {w}: {label} {ours['latency_s_p50'] * 1e6:.0f} µs vs {peers_label} "
                 f"({best['system']}) {best['latency_s_p50'] * 1e6:.0f} µs "
-                f"(**{best['latency_s_p50'] / ours['latency_s_p50']:.1f}x** faster)")
+                f"(**{best['latency_s_p50'] / ours['latency_s_p50']:.2f}x** faster)")
     best = max(peers, key=lambda r: r["gbps_p50"])
     return (f"- {w}: {label} / {peers_label} ({best['system']}) = "
             f"**{ours['gbps_p50'] / best['gbps_p50']:.2f}x**")
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         f"`{' '.join(['kvtransfer bench', *main_cmd[3:]])}`",
         "",
         "GB/s until the decode side was notified (write posted -> target notified), two processes "
-        "on loopback; the latency row is one 64 KiB write -> target notified.",
+        "on loopback; the latency row has its own section below.",
         "",
         transfer_table(t),
         "",
