@@ -3,6 +3,7 @@ wire format of docs/wire-format.md byte by byte, so tests can send what no real 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
@@ -99,3 +100,16 @@ def open_data(welcome: dict) -> socket.socket:
     d = socket.create_connection((host, int(port)), timeout=5)
     d.sendall(data_frame(D_HELLO, welcome["token"]))
     return d
+
+
+def attack_data(address: str, make_frame) -> None:
+    """Handshakes anew (a violation ends that peer's session), sends make_frame(regions) on a
+    data connection, and waits until the endpoint has dealt with it (closed it, or not)."""
+    ctrl, welcome = connect(address)
+    d = open_data(welcome)
+    with contextlib.suppress(OSError):
+        d.sendall(make_frame(welcome["regions"]))
+        d.shutdown(socket.SHUT_WR)
+        d.recv(64)
+    d.close()
+    ctrl.close()

@@ -136,14 +136,7 @@ def test_hostile_raw_clients_do_not_disturb_a_legit_transfer(pair):
     # a read of memory not exposed for reads. A violation ends that peer's session, so each
     # attack handshakes anew.
     def attack(make_frame) -> None:
-        ctrl, welcome = rc.connect(target.address)
-        d = rc.open_data(welcome)
-        with contextlib.suppress(OSError):
-            d.sendall(make_frame(welcome["regions"]))
-            d.shutdown(socket.SHUT_WR)
-            d.recv(64)
-        d.close()
-        ctrl.close()
+        rc.attack_data(target.address, make_frame)
 
     g, v = rg.id, rv.id
     attack(lambda r: rc.data_frame(rc.D_WRITE, 1, g, r[g]["key"] ^ 1, [(0, 4)], b"evil"))

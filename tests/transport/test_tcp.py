@@ -5,7 +5,6 @@ waiter gets: the same bytes, the same completions, the same errors."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 
@@ -132,14 +131,7 @@ def test_hostile_frames_met_by_a_spinning_waiter_are_refused_as_usual(linked):
     time.sleep(0.05)
 
     def attack(make_frame) -> None:
-        ctrl, welcome = rc.connect(target.address)
-        d = rc.open_data(welcome)
-        with contextlib.suppress(OSError):
-            d.sendall(make_frame(welcome["regions"]))
-            d.shutdown(socket.SHUT_WR)
-            d.recv(64)
-        d.close()
-        ctrl.close()
+        rc.attack_data(target.address, make_frame)
 
     g = rg.id
     attack(lambda r: rc.data_frame(rc.D_WRITE, 1, g, r[g]["key"] ^ 1, [(0, 4)], b"evil"))
