@@ -15,6 +15,8 @@ DATA_MAGIC = 0x4454564B
 HELLO, CHALLENGE, AUTH, WELCOME, ERROR = 1, 2, 3, 4, 5
 BEGIN = 6
 D_HELLO, D_WRITE, D_READREQ, D_BEGIN = 1, 2, 3, 6
+DATA_HEADER = "<IHBBIIIIQQQ"
+DATA_HEADER_SIZE = struct.calcsize(DATA_HEADER)
 
 
 def lp(b: bytes) -> bytes:
@@ -30,7 +32,7 @@ def control_frame(mtype: int, body: bytes, version: int = _core.PROTOCOL_VERSION
 def data_frame(ftype: int, slot: int, region: int = 0, key: int = 0, descs=(), payload: bytes = b"",
                frame: int = 0, corrupt_crc: bool = False, flags: int = 0) -> bytes:
     rawd = b"".join(struct.pack("<QQ", off, ln) for off, ln in descs)
-    hdr = bytearray(struct.pack("<IHBBIIIIQQQ", DATA_MAGIC, _core.PROTOCOL_VERSION, ftype, flags,
+    hdr = bytearray(struct.pack(DATA_HEADER, DATA_MAGIC, _core.PROTOCOL_VERSION, ftype, flags,
                                 len(descs), region, frame, 0, slot, key, len(payload)))
     crc = _core.crc32c(bytes(hdr) + rawd)
     struct.pack_into("<I", hdr, 20, crc ^ (1 if corrupt_crc else 0))

@@ -5,6 +5,7 @@ waiter gets: the same bytes, the same completions, the same errors."""
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 import time
 
@@ -113,6 +114,34 @@ def test_a_peer_dying_mid_frame_neither_hangs_a_spinning_waiter_nor_disturbs_oth
     target.wait_notification(b"still-fine", timeout=5, spin=5)
     x.wait(5)
     assert (guarded[8:] == 0).all()
+
+
+def test_a_frame_announcing_bytes_never_sent_never_blocks_a_spinning_waiter(linked):
+    # A BEGIN frame claiming segments (it has none) and a write frame whose segment list
+    # never comes: the waiter must not wait for either; its timeout holds.
+    target, initiator, peer, rs, rd, src, dst = linked
+    for frame in (rc.data_frame(rc.D_BEGIN, 5, descs=[(0, 8)] * 9, flags=1),
+                  rc.data_frame(rc.D_WRITE, 6, rd.id, 0, [(0, 8)] * 9, b"x" * 72)):
+        ctrl, welcome = rc.connect(target.address)
+        d = rc.open_data(welcome)
+        # The header and half a segment, sent once the waiter spins (so that it reads them).
+        send = threading.Timer(0.05, d.sendall, args=(frame[:rc.DATA_HEADER_SIZE + 8],))
+        send.start()
+        # A waiter stuck reading the missing bytes is freed after 3 s by ending the connection,
+        # so that the failure shows as time, not as a hung test.
+        unstick = threading.Timer(3.0, d.shutdown, args=(socket.SHUT_RDWR,))
+        unstick.start()
+        t0 = time.monotonic()
+        with pytest.raises(kvt.TimeoutError):
+            target.wait_notification(b"never-sent", timeout=0.3, spin=0.3)
+        assert time.monotonic() - t0 < 1.5
+        unstick.cancel()
+        send.join()
+        d.close()
+        ctrl.close()
+    x = initiator.write(peer, rs, rd.id, [[0, 0, 65536]], notify=b"still-fine")
+    target.wait_notification(b"still-fine", timeout=5, spin=5)
+    x.wait(5)
 
 
 def test_hostile_frames_met_by_a_spinning_waiter_are_refused_as_usual(linked):

@@ -194,7 +194,7 @@ TcpTransport::Queued TcpTransport::queued_frame(const Inbound& conn) const {
     return Queued::kNotForWaiter;
   }
   uint64_t need = sizeof header;
-  if (h.type == wire::DataType::kBegin && h.payload <= wire::kMaxBeginBytes) {
+  if (h.type == wire::DataType::kBegin && h.nseg == 0 && h.payload <= wire::kMaxBeginBytes) {
     need += h.payload + 4;
   } else if (h.type == wire::DataType::kWrite && h.nseg <= kMaxSegsPerFrame &&
              h.payload <= kWaiterFrameBytes) {
