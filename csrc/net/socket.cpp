@@ -80,32 +80,25 @@ void Socket::sendv_all(struct iovec* iov, size_t n, const std::string& what) {
 }
 
 void Socket::recvv_all(struct iovec* iov, size_t n, const std::string& what) {
-  size_t first = 0;
-  while (first < n && iov[first].iov_len == 0) ++first;
-  while (first < n) {
-    struct msghdr msg{};
-    msg.msg_iov = iov + first;
-    msg.msg_iovlen = std::min<size_t>(n - first, IOV_MAX);
-    ssize_t r = ::recvmsg(fd_, &msg, MSG_WAITALL);
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      io_fail(what, "receive", errno);
-    }
-    if (r == 0) io_fail(what, "receive", 0);
-    first = advance(iov, n, first, static_cast<size_t>(r));
-  }
+  recvv(iov, n, 0, MSG_WAITALL, what);
 }
 
 size_t Socket::recvv_now(struct iovec* iov, size_t n, size_t first, const std::string& what) {
+  return recvv(iov, n, first, MSG_DONTWAIT, what);
+}
+
+// Receives into iov[first..n) until all of it came or, with MSG_DONTWAIT, nothing more is
+// queued; returns the new first index.
+size_t Socket::recvv(struct iovec* iov, size_t n, size_t first, int flags, const std::string& what) {
   while (first < n && iov[first].iov_len == 0) ++first;
   while (first < n) {
     struct msghdr msg{};
     msg.msg_iov = iov + first;
     msg.msg_iovlen = std::min<size_t>(n - first, IOV_MAX);
-    ssize_t r = ::recvmsg(fd_, &msg, MSG_DONTWAIT);
+    ssize_t r = ::recvmsg(fd_, &msg, flags);
     if (r < 0) {
       if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) return first;
+      if ((flags & MSG_DONTWAIT) && (errno == EAGAIN || errno == EWOULDBLOCK)) return first;
       io_fail(what, "receive", errno);
     }
     if (r == 0) io_fail(what, "receive", 0);

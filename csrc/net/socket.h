@@ -34,6 +34,8 @@ class Socket {
   size_t recvv_now(struct iovec* iov, size_t n, size_t first, const std::string& what);
 
  private:
+  size_t recvv(struct iovec* iov, size_t n, size_t first, int flags, const std::string& what);
+
   int fd_ = -1;
 };
 
