@@ -2,20 +2,24 @@
 
 namespace kvt::fabric {
 
+namespace {
+
+template <class Fid>
+void close_fid(Fid*& obj) {
+  if (obj) fi_close(&obj->fid);
+  obj = nullptr;
+}
+
+}  // namespace
+
 // Endpoint first (it holds references on the AV and CQ), then what it was bound to.
 void RailObjects::close() {
-  if (ep) fi_close(&ep->fid);
-  ep = nullptr;
-  if (arena_mr) fi_close(&arena_mr->fid);
-  arena_mr = nullptr;
-  if (av) fi_close(&av->fid);
-  av = nullptr;
-  if (cq) fi_close(&cq->fid);
-  cq = nullptr;
-  if (domain) fi_close(&domain->fid);
-  domain = nullptr;
-  if (fabric) fi_close(&fabric->fid);
-  fabric = nullptr;
+  close_fid(ep);
+  close_fid(arena_mr);
+  close_fid(av);
+  close_fid(cq);
+  close_fid(domain);
+  close_fid(fabric);
 }
 
 LocalPeers& LocalPeers::instance() {
