@@ -41,6 +41,8 @@ if os.environ.get("KVTRANSFER_REQUIRE_FABRIC") and fabric is None:
 ext = Pybind11Extension(
     "kvtransfer._core",
     sources,
+    # A changed header alone rebuilds the extension (build_ext compares these with the .so).
+    depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
     include_dirs=["csrc"],
     define_macros=defines,
     extra_compile_args=extra_compile,

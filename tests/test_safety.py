@@ -198,6 +198,33 @@ def test_deregistering_a_target_region_mid_transfer_fails_that_transfer_on_both_
         assert target.wait_notification(b"gone", timeout=5).payload == b"gone"
 
 
+def test_deregistration_waits_for_a_frame_still_landing_in_the_region(pair):
+    """A write frame whose payload is still arriving holds its region: close() cannot return
+    (and let the buffer be freed) while bytes are yet to land in it."""
+    target, _ = pair
+    n = 1 << 20
+    dst = np.zeros(n, np.uint8)
+    rd = target.register(dst, remote_write=True)
+    ctrl, welcome = rc.connect(target.address)
+    key = welcome["regions"][rd.id]["key"]
+    ctrl.sendall(rc.control_frame(rc.BEGIN, struct.pack("<QII", 9, 1, 60_000) + b"\x01"
+                                  + rc.lp(b"landing")))
+    frame = rc.data_frame(rc.D_WRITE, 9, rd.id, key, [(0, n)], b"\x07" * n)
+    d = rc.open_data(welcome)
+    half = rc.DATA_HEADER_SIZE + 16 + n // 2
+    d.sendall(frame[:half])
+    deadline = time.monotonic() + 5
+    while dst[n // 2 - 1] != 7 and time.monotonic() < deadline:  # the first half has landed
+        time.sleep(0.01)
+    with pytest.raises(kvt.TimeoutError, match="still used"):
+        rd.close(timeout=0.3)
+    d.sendall(frame[half:])
+    assert target.wait_notification(b"landing", timeout=5).payload == b"landing"
+    assert (dst == 7).all()
+    d.close()
+    ctrl.close()
+
+
 def test_checksummed_transfers_verify_payload_both_ways(pair):
     target, initiator = pair
     bs, n = 64 << 10, 32

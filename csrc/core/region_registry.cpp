@@ -63,26 +63,27 @@ std::shared_ptr<const Region> RegionRegistry::lookup(uint32_t id) const {
 }
 
 std::shared_ptr<const Region> RegionRegistry::check(uint32_t id, uint64_t key, Access access) const {
-  std::shared_ptr<Region> r;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = regions_.find(id);
-    if (it != regions_.end()) r = it->second;
-  }
+  auto r = find(id);
   if (!r) fail(ErrorCode::kProtocol, "remote access to unknown or deregistered region " + std::to_string(id));
-  if (r->key != key) fail(ErrorCode::kProtocol, "remote access to region " + std::to_string(id) + " with a wrong key");
-  if (access == Access::kRemoteWrite && !r->remote_write) {
-    fail(ErrorCode::kProtocol, "remote write to region " + std::to_string(id) + ", which is not registered with remote_write=True");
-  }
-  if (access == Access::kRemoteRead && !r->remote_read) {
-    fail(ErrorCode::kProtocol, "remote read of region " + std::to_string(id) + ", which is not registered with remote_read=True");
-  }
+  check_access(*r, key, access);
   return r;
 }
 
-bool RegionRegistry::contains(uint32_t id) const {
+std::shared_ptr<const Region> RegionRegistry::find(uint32_t id) const {
   std::lock_guard<std::mutex> lock(mu_);
-  return regions_.count(id) != 0;
+  auto it = regions_.find(id);
+  return it == regions_.end() ? nullptr : it->second;
+}
+
+void RegionRegistry::check_access(const Region& r, uint64_t key, Access access) {
+  const std::string id = std::to_string(r.id);
+  if (r.key != key) fail(ErrorCode::kProtocol, "remote access to region " + id + " with a wrong key");
+  if (access == Access::kRemoteWrite && !r.remote_write) {
+    fail(ErrorCode::kProtocol, "remote write to region " + id + ", which is not registered with remote_write=True");
+  }
+  if (access == Access::kRemoteRead && !r.remote_read) {
+    fail(ErrorCode::kProtocol, "remote read of region " + id + ", which is not registered with remote_read=True");
+  }
 }
 
 void RegionRegistry::publish(uint32_t id, std::string rkey) {

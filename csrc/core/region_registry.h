@@ -48,7 +48,11 @@ class RegionRegistry {
   // the region alive for the duration of the access.
   std::shared_ptr<const Region> lookup(uint32_t id) const;
   std::shared_ptr<const Region> check(uint32_t id, uint64_t key, Access access) const;
-  bool contains(uint32_t id) const;
+  // Null when the id is unknown: never registered, or deregistered meanwhile. One look-up, so a
+  // caller that tells "gone" from "forbidden" does not race a concurrent remove().
+  std::shared_ptr<const Region> find(uint32_t id) const;
+  // Throws Protocol when `key` or the access rights do not match the region.
+  static void check_access(const Region& r, uint64_t key, Access access);
   // Records the transport's remote key and lists the region to peers from now on.
   void publish(uint32_t id, std::string rkey);
   std::vector<RemoteRegion> exposed() const;  // the regions peers may access

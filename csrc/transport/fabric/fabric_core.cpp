@@ -375,11 +375,13 @@ void FabricCore::handle_hello(Rail& rail, const Msg& m) {
 
 // The Region a peer's transfer touches, for as long as it does; deregistration waits for it.
 std::shared_ptr<const Region> FabricCore::hold_region(uint32_t id, uint64_t key, Access access) {
-  if (!ctx_.regions.contains(id)) {
+  auto region = ctx_.regions.find(id);
+  if (!region) {
     fail(ErrorCode::kInvalidRequest,
          "region " + std::to_string(id) + " was deregistered while the transfer was in flight");
   }
-  return ctx_.regions.check(id, key, access);
+  RegionRegistry::check_access(*region, key, access);
+  return region;
 }
 
 // ---------------------------------------------------------------- transfers

@@ -123,6 +123,7 @@ void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
   {
     std::lock_guard<std::mutex> lock(conn->io.mu);  // a spinning waiter reads no more of it
     conn->ended = true;
+    conn->landing.region.reset();  // a frame cut short no longer holds up deregistration
   }
   std::lock_guard<std::mutex> lock(mu_);
   inbound_.erase(conn.get());
@@ -347,7 +348,10 @@ void TcpTransport::start_landing(Inbound& conn, const wire::DataHeader& h) {
   l.first = 0;
   const bool crc = h.flags & wire::kFlagPayloadCrc;
   const bool accepted = ctx_.sink.accepts(conn.peer, h.slot);
-  if (!accepted || !ctx_.regions.contains(h.region)) {
+  // Held until the payload has landed: deregistration waits for it, even when a spinning waiter
+  // leaves the rest of the frame to the connection's thread.
+  l.region = accepted ? ctx_.regions.find(h.region) : nullptr;
+  if (!l.region) {
     // Failed or cancelled: never land late bytes. Deregistered: the transfer fails.
     l.then = accepted ? Then::kRefuseGone : Then::kForget;
     l.sink.resize(std::min<uint64_t>(h.payload + 4, 1 << 20));
@@ -359,7 +363,8 @@ void TcpTransport::start_landing(Inbound& conn, const wire::DataHeader& h) {
     l.active = true;
     return;
   }
-  auto region = ctx_.regions.check(h.region, h.key, Access::kRemoteWrite);
+  const Region* region = l.region.get();
+  RegionRegistry::check_access(*region, h.key, Access::kRemoteWrite);
   uint64_t total = 0;
   for (const auto& d : conn.descs) {
     if (!in_bounds(d.off, d.len, region->nbytes)) {
@@ -398,6 +403,7 @@ bool TcpTransport::land(Inbound& conn, bool wait) {
     if (l.first < l.left.size()) return false;
   }
   l.active = false;
+  l.region.reset();
   const wire::DataHeader& h = l.h;
   if (l.then == Then::kForget) return true;
   if (l.then == Then::kRefuseGone) {

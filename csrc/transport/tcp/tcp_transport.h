@@ -67,6 +67,7 @@ class TcpTransport : public Transport {
       std::vector<struct iovec> places;  // the payload's places, for its crc32c
       uint8_t crc_le[4] = {};
       std::vector<char> sink;            // where discarded bytes go
+      std::shared_ptr<const Region> region;  // where the payload lands; null when discarded
     } landing;
   };
   // For a spinning waiter: kReady when reading the next frame up to its payload cannot block.
