@@ -171,12 +171,16 @@ bool TcpLink::send_frame(Conn& c, Frame f) {
     broken(e);
     ok = false;
   }
+  bool more;
   {
     std::lock_guard<std::mutex> lock(c.mu);
     c.queued_bytes -= bytes + 64;
     c.sending = false;
+    more = !c.queue.empty();
   }
-  c.cv.notify_one();
+  // Frames queued meanwhile wait for the sender thread; with none, waking it would cost an
+  // inline poster a futex wake and a context switch for nothing.
+  if (more) c.cv.notify_one();
   return ok;
 }
 
