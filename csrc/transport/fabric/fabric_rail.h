@@ -77,6 +77,10 @@ class Rail {
   static constexpr int kBusyWaitMs = 1;
   static constexpr auto kMaxBackoff = std::chrono::milliseconds(1);
   static constexpr auto kStopGrace = std::chrono::seconds(3);
+  // Before the endpoint is closed, the provider is progressed until it has been quiet this
+  // long (at most kDrainLimit); see drain().
+  static constexpr auto kDrainQuiet = std::chrono::milliseconds(10);
+  static constexpr auto kDrainLimit = std::chrono::milliseconds(250);
 
   Rail(uint32_t index, InfoPtr info, RailEvents& events, bool delivery_complete);
   ~Rail();
@@ -137,6 +141,9 @@ class Rail {
   void release(OpCtx* op);  // returns a credit (and a send slot)
   void repost(RecvCtx* r);
   void forget_due();
+  // After the completion thread stopped: progresses the provider, dropping what it reports,
+  // until it has been quiet for kDrainQuiet (or kDrainLimit passed).
+  void drain();
   // shm/efa, after the completion thread stopped: empties our AV, then closes the endpoint or
   // parks it while other rails of this process still address it.
   void retire_local();
