@@ -4,7 +4,8 @@ Lists the transports built into this copy, the libfabric it loads (the same file
 would), every libfabric provider for reliable-datagram endpoints with the capabilities the
 fabric transport cares about, RDMA (verbs) devices - through pyverbs when installed, else
 sysfs - and the choice ``transport="auto"`` makes. ``--selftest`` also moves bytes through each
-usable fabric provider on loopback.
+usable fabric provider on loopback. Also reports the shm segments that killed processes left
+in /dev/shm; ``--clean-shm`` removes them (kvtransfer.shm_segments says when not to).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from . import transports
+from . import shm_segments, transports
 
 
 def _verbs_devices() -> list[dict[str, Any]]:
@@ -133,6 +134,9 @@ def report(selftest: bool = False) -> dict[str, Any]:
         "fabric_default": next((p for p in transports.PROVIDER_PREFERENCE if p in usable), None)
         if "fabric" in built else None,
     }
+    left = shm_segments.stale()
+    out["stale_shm_segments"] = {"count": len(left), "bytes": sum(s.bytes_used for s in left),
+                                 "paths": [s.path for s in left]}
     if selftest and "fabric" in built:
         wanted = [p for p in transports.PROVIDER_PREFERENCE if p in usable]
         out["selftest"] = [_selftest(p) for p in wanted]
@@ -170,6 +174,10 @@ def _print(r: dict[str, Any]) -> None:
           + (f" (provider {a['provider']})" if a["provider"] else "") + f": {a['reason']}")
     if pick["fabric_default"]:
         print(f"transport='fabric' with no provider -> {pick['fabric_default']}")
+    shm = r["stale_shm_segments"]
+    if shm["count"]:
+        print(f"\n{shm['count']} shm segment(s) of killed processes in /dev/shm hold "
+              f"{shm['bytes'] / 2**20:.1f} MiB: `kvtransfer doctor --clean-shm` removes them")
     for t in r.get("selftest", []):
         if "error" in t:
             print(f"selftest {t['provider']}: FAILED {t['error']}")
@@ -183,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     ap.add_argument("--selftest", action="store_true",
                     help="also move bytes through each usable fabric provider on loopback")
+    ap.add_argument("--clean-shm", action="store_true",
+                    help="remove the shm segments of processes that no longer exist (not where "
+                         "/dev/shm is shared across pid namespaces)")
     args = ap.parse_args(argv)
+    if args.clean_shm:
+        count, freed = shm_segments.remove(shm_segments.stale())
+        print(f"removed {count} stale shm segment(s), {freed / 2**20:.1f} MiB freed",
+              file=sys.stderr if args.json else sys.stdout)
     r = report(selftest=args.selftest)
     if args.json:
         json.dump(r, sys.stdout, indent=2)
