@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     run(main_cmd)
     # The latency row drifts most between runs (where each process lands on 2 cores): every
     # system is measured LATENCY_RUNS times, taking turns, and its median run is reported.
-    latency_cmd = [*bench, *peers, "--workloads", "latency", "--transport", "tcp,cma",
+    latency_cmd = [*bench, *peers, "--workloads", "latency,latency-busy", "--transport", "tcp,cma",
                    "--runs", "3" if args.quick else str(LATENCY_RUNS),
                    "--json", str(OUT / "latency.jsonl")]
     run(latency_cmd)
@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         "The decode side waits with `wait_notification(..., spin=)` (it then reads TCP frames and "
         "cma records itself, docs/transports.md); the peers spin on their completion calls, and "
         "NIXL is also run without its progress thread (`-noprogthread`), its best here. Every "
-        "system was measured in turns; the table shows each one's median run.",
+        "system was measured in turns; the table shows each one's median run. In "
+        "`latency-64KiB` the prefill process sleeps between reps, so each write starts on a CPU "
+        "that was idle; in `latency-64KiB-busy-prefill` it polls for its next command instead, "
+        "so it posts from a busy CPU, as a prefill worker right after its forward pass.",
         "",
         transfer_table(records(OUT / "latency.jsonl")),
         "",

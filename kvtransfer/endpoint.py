@@ -145,11 +145,34 @@ class Transfer:
 
 def as_segments(segments: Any) -> np.ndarray:
     """An int64 [N, 3] C-contiguous view of ``segments`` (copied only when it must be)."""
-    arr = np.ascontiguousarray(segments, dtype=np.int64)
+    try:
+        arr = np.ascontiguousarray(segments, dtype=np.int64)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequestError(
+            f"segments must be integers (src_off, dst_off, len) per row: {e}") from None
     if arr.ndim != 2 or arr.shape[1] != 3:
         raise InvalidRequestError(
             f"segments must have shape [N, 3] (src_off, dst_off, len), got {arr.shape}")
     return arr
+
+
+def _payload(notify: Any) -> bytes:
+    if isinstance(notify, (bytes, bytearray, memoryview)):
+        return bytes(notify)
+    raise InvalidRequestError(f"notify must be bytes, got {type(notify).__name__}")
+
+
+def _explain_refused_arguments(remote_region: Any, segments: Any, timeout: Any,
+                               checksum: Any) -> None:
+    """Raises InvalidRequestError naming the argument the core refused (a TypeError there)."""
+    as_segments(segments)
+    if isinstance(remote_region, (int, np.integer)) and not 0 <= remote_region < 2**32:
+        raise InvalidRequestError(f"remote_region {remote_region} is not a region id")
+    for name, value, kinds in (("remote_region", remote_region, (int, np.integer)),
+                               ("timeout", timeout, (int, float, type(None))),
+                               ("checksum", checksum, (bool, int, type(None)))):
+        if not isinstance(value, kinds):
+            raise InvalidRequestError(f"{name} has the wrong type: {type(value).__name__}")
 
 
 class Endpoint:
@@ -226,16 +249,25 @@ class Endpoint:
     def _transfer(self, is_write: bool, peer: Peer, local: Region, remote_region: int,
                   segments: Any, notify: bytes | None, timeout: float | None,
                   checksum: bool | None) -> Transfer:
+        # The latency path: every Python step here is paid per write, and more so with cold
+        # caches after idle time (~10 us for a numpy conversion in front of the core's own on
+        # this host, benchmarks/NOTES.md). The core converts and checks the arguments itself;
+        # Python only explains what it refused.
         if not isinstance(peer, Peer):
             raise InvalidRequestError(
                 f"peer must be a Peer from connect(), got {type(peer).__name__}")
         if not isinstance(local, Region):
             raise InvalidRequestError(
                 f"local must be a Region from register(), got {type(local).__name__}")
-        payload = None if notify is None else bytes(notify)
-        core = self._core.transfer(is_write, peer._core, local.id, int(remote_region),
-                                   as_segments(segments), payload, float(timeout or 0.0),
-                                   -1 if checksum is None else int(checksum))
+        if notify is not None and type(notify) is not bytes:
+            notify = _payload(notify)
+        try:
+            core = self._core.transfer(is_write, peer._core, local.id, remote_region, segments,
+                                       notify, timeout or 0.0,
+                                       -1 if checksum is None else checksum)
+        except TypeError:
+            _explain_refused_arguments(remote_region, segments, timeout, checksum)
+            raise
         return Transfer(self, core)
 
     # -- notifications

@@ -5,8 +5,11 @@ record what was measured."""
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +20,7 @@ from kvtransfer.bench.harness import (
     VerificationError,
     Workload,
     block_permutation,
+    next_command,
     summarize,
     unsupported_record,
 )
@@ -155,3 +159,23 @@ def test_the_median_run_is_chosen_by_time_for_latency_rows_and_a_failure_wins():
     assert rec["tag"] == 55 and rec["runs"] == 5
     (rec,) = median_runs([run(40), run(41, verified=False, error="bad block")])
     assert rec["error"] == "bad block"
+
+
+def test_a_busy_prefill_side_waits_for_its_next_command_on_the_cpu_and_an_idle_one_sleeps():
+    for busy in (True, False):
+        ours, theirs = multiprocessing.Pipe()
+        threading.Timer(0.3, theirs.send, args=(("go", 0),)).start()
+        cpu0 = time.thread_time()
+        assert next_command(ours, busy) == ("go", 0)
+        spent = time.thread_time() - cpu0
+        assert spent > 0.15 if busy else spent < 0.05, (busy, spent)
+
+
+def test_the_busy_prefill_latency_row_is_measured_and_labelled_apart(tmp_path):
+    out = tmp_path / "lat.jsonl"
+    assert main(["--workloads", "latency,latency-busy", "--no-progress", "--json", str(out)]) == 0
+    idle, busy = (json.loads(line) for line in out.read_text().splitlines())
+    assert (idle["workload"], idle["initiator_busy"]) == ("latency-64KiB", False)
+    assert (busy["workload"], busy["initiator_busy"]) == ("latency-64KiB-busy-prefill", True)
+    for rec in (idle, busy):
+        assert rec["verified"] is True and rec["reps"] == 200 and rec["latency_us_p50"] > 0

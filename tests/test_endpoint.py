@@ -177,3 +177,41 @@ def test_a_spinning_wait_returns_the_notification_and_still_times_out(pair):
     assert time.monotonic() - t0 < 1.0
     with pytest.raises(kvt.InvalidRequestError):
         target.wait_notification(b"never", timeout=0.1, spin=-1)
+
+
+def test_segments_and_payloads_in_any_integer_or_bytes_form_are_accepted(pair):
+    target, initiator = pair
+    dst = np.zeros(4 << 10, np.uint8)
+    src = np.arange(4 << 10, dtype=np.uint32).astype(np.uint8)
+    rd = target.register(dst, remote_write=True)
+    rs = initiator.register(src)
+    peer = initiator.connect(target.info())
+    forms = [[(0, 0, 1024)], np.array([[1024, 1024, 1024]], np.int32),
+             np.array([[0, 2048, 1024], [1024, 3072, 1024]], np.int64)[::-1]]
+    for i, segs in enumerate(forms):
+        initiator.write(peer, rs, np.int64(rd.id), segs, notify=bytearray(b"form%d" % i)).wait()
+        assert target.wait_notification(b"form%d" % i, timeout=5).payload == b"form%d" % i
+    assert (dst[:2048] == src[:2048]).all()
+    assert (dst[2048:3072] == src[:1024]).all() and (dst[3072:] == src[1024:2048]).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(segments=[(0, 0)]), r"shape \[N, 3\].*got \(1, 2\)"),
+    (dict(segments=np.zeros(3, np.int64)), r"shape \[N, 3\].*got \(3,\)"),
+    (dict(segments=[("a", 0, 16)]), "segments must be integers"),
+    (dict(remote_region=1.5), "remote_region has the wrong type: float"),
+    (dict(remote_region=-1), "remote_region -1 is not a region id"),
+    (dict(notify="text"), "notify must be bytes, got str"),
+    (dict(notify=5), "notify must be bytes, got int"),
+    (dict(timeout="1"), "timeout has the wrong type: str"),
+])
+def test_malformed_transfer_arguments_are_refused_with_what_was_wrong(pair, bad, match):
+    target, initiator = pair
+    dst = np.zeros(4096, np.uint8)
+    rd = target.register(dst, remote_write=True)
+    rs = initiator.register(np.ones(4096, np.uint8))
+    peer = initiator.connect(target.info())
+    args = {"remote_region": rd.id, "segments": [(0, 0, 16)], **bad}
+    with pytest.raises(kvt.InvalidRequestError, match=match):
+        initiator.write(peer, rs, args.pop("remote_region"), args.pop("segments"), **args)
+    assert not dst.any() and target.notifications() == []

@@ -19,8 +19,11 @@ using Segments = py::array_t<int64_t, py::array::c_style | py::array::forcecast>
 
 const int64_t* segment_rows(const Segments& segs, size_t* n) {
   if (segs.ndim() != 2 || segs.shape(1) != 3) {
-    fail(ErrorCode::kInvalidRequest, "segments must be an int64 array of shape [N, 3] "
-                                     "(src_off, dst_off, len)");
+    std::string shape;
+    for (py::ssize_t i = 0; i < segs.ndim(); ++i) shape += (i ? ", " : "") + std::to_string(segs.shape(i));
+    if (segs.ndim() == 1) shape += ",";
+    fail(ErrorCode::kInvalidRequest, "segments must have shape [N, 3] (src_off, dst_off, len), got (" +
+                                         shape + ")");
   }
   *n = static_cast<size_t>(segs.shape(0));
   return segs.data();

@@ -26,6 +26,11 @@ Dimensions (every combination given is run):
   --netns       prefill and decode in two network namespaces made (and removed) by the bench,
                 joined by a veth pair (needs root and iproute2). This separates the network
                 only: same-host paths (CMA, shared memory) still work between them.
+Latency workloads (one 64 KiB write, 200 reps, both sides spinning on completion):
+  latency       the prefill process sleeps between reps, so every write is posted from a CPU
+                that was idle (cold caches; on a VM the vCPU may have been descheduled).
+  latency-busy  the prefill process polls for its next command instead, so it posts from a
+                busy CPU, as a prefill worker does right after its forward pass.
 A peer that cannot run a combination shows "n/a (why)". Any transport this build registers
 (kvtransfer.transports.available()) is accepted by --transport; fabric takes :provider.
 """
@@ -45,7 +50,15 @@ import time
 from typing import Any
 
 from . import limits
-from .harness import MODES, OPS, STANDARD_WORKLOADS, Unsupported, Workload, unsupported_record
+from .harness import (
+    LATENCY_WORKLOADS,
+    MODES,
+    OPS,
+    STANDARD_WORKLOADS,
+    Unsupported,
+    Workload,
+    unsupported_record,
+)
 from .models import MODELS, model_workload
 
 SWEEP_BLOCKS = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
@@ -70,7 +83,7 @@ def parse_workload(name: str, reps: int) -> Workload:
     """A standard workload by name, or "<size>x<blocks>[-random|-sequential]" (64KiBx4096)."""
     if name in STANDARD_WORKLOADS:
         w = STANDARD_WORKLOADS[name]
-        return w if name == "latency" else dataclasses.replace(w, reps=reps)
+        return w if name in LATENCY_WORKLOADS else dataclasses.replace(w, reps=reps)
     m = _SIZE.match(name)
     if not m:
         raise ValueError(f"unknown workload {name!r}: use one of {', '.join(STANDARD_WORKLOADS)} "

@@ -72,6 +72,10 @@ class Workload:
     warmup: int = 1  # verified like the others, left out of the numbers
     seed: int = 1234  # of the permutation; payloads are seeded by (seed, rep)
     busy_poll: bool = False  # spin on completion instead of sleeping POLL_SLEEP_S
+    # The initiator polls for its next command instead of sleeping, so it posts from a busy CPU
+    # as a prefill worker does right after its forward pass. Asleep between reps, every post
+    # starts on a CPU that was idle and pays for cold caches (benchmarks/NOTES.md).
+    initiator_busy: bool = False
     name: str = ""
     op: str = "write"  # "write": prefill pushes; "read": decode pulls
     mode: str = "whole"  # "whole": one batch; "streamed": one batch per layer
@@ -120,10 +124,12 @@ class Workload:
         return 30.0 + self.total_bytes / 20e6
 
 
-def latency_workload(reps: int = 200) -> Workload:
+def latency_workload(reps: int = 200, initiator_busy: bool = False) -> Workload:
     """One 64 KiB write -> target notified, repeated; spins on completion on both sides."""
     return Workload(
-        65536, 1, "sequential", reps=reps, warmup=20, busy_poll=True, name="latency-64KiB"
+        65536, 1, "sequential", reps=reps, warmup=20, busy_poll=True,
+        initiator_busy=initiator_busy,
+        name="latency-64KiB-busy-prefill" if initiator_busy else "latency-64KiB",
     )
 
 
@@ -132,7 +138,9 @@ STANDARD_WORKLOADS: dict[str, Workload] = {
     "64KiBx4096": Workload(64 << 10, 4096, "random", name="64KiBx4096-random"),
     "4KiBx16384": Workload(4 << 10, 16384, "random", name="4KiBx16384-random"),
     "latency": latency_workload(),
+    "latency-busy": latency_workload(initiator_busy=True),
 }
+LATENCY_WORKLOADS = ("latency", "latency-busy")  # their reps are their own, not --reps
 
 
 def block_permutation(workload: Workload) -> np.ndarray:
@@ -277,6 +285,7 @@ def summarize(
         "layers": workload.layers,
         "layer_delay_s": workload.layer_delay_s,
         "reps": len(reps),
+        "initiator_busy": workload.initiator_busy,
         "gbps_p50": statistics.median(gb / t for t in lat),
         "gbps_all": [gb / t for t in lat],
         "latency_s_p50": _percentile(lat, 50),
@@ -500,9 +509,17 @@ def _child_main(conn, role: str, spec: PeerSpec) -> None:
         raise
 
 
-def _next_command(conn) -> tuple:
-    """Next command from the parent; a silent or vanished parent ends the child."""
-    if not conn.poll(SETUP_TIMEOUT_S + 600):
+def next_command(conn, busy: bool = False) -> tuple:
+    """Next command from the parent; a silent or vanished parent ends the child. ``busy`` polls
+    for it without sleeping (Workload.initiator_busy)."""
+    limit = SETUP_TIMEOUT_S + 600
+    if busy:
+        give_up = now() + limit
+        while not conn.poll(0):
+            if now() > give_up:
+                raise TimeoutError("parent sent nothing for too long")
+        return conn.recv()
+    if not conn.poll(limit):
         raise TimeoutError("parent sent nothing for too long")
     return conn.recv()
 
@@ -518,11 +535,12 @@ def _child_loop(conn, peer, spec: PeerSpec, role: str, place: Place) -> None:
         side = peer.make_target(w, buf, options)
         conn.send(("info", side.info(), {**base_versions(), **peer.versions()}))
     else:
-        _, info = _next_command(conn)
+        _, info = next_command(conn)
         side = peer.make_initiator(w, buf, info, options)
         conn.send(("ready",))
     cpu0 = cpu_seconds()
-    while (msg := _next_command(conn))[0] != "close":
+    busy = role == "initiator" and w.initiator_busy
+    while (msg := next_command(conn, busy))[0] != "close":
         kind, rep = msg
         deadline = now() + w.rep_timeout_s()
         if kind == "prep":
@@ -552,9 +570,10 @@ def _post_all(side, w: Workload, rep: int, deadline: float) -> tuple[float, floa
     """Posts every batch of rep ``rep`` (one per layer when streamed, ``layer_delay_s`` apart)
     and waits until they are complete locally: (first post, last post, complete, CPU s)."""
     tags = layer_tags(w, rep) if w.op == "write" else [None] * w.layers
+    batches = list(enumerate(zip(w.layer_bounds(), tags, strict=True)))  # not on the clock
     cpu0 = cpu_seconds()
     t_post = t_last = now()
-    for i, ((lo, hi), tag) in enumerate(zip(w.layer_bounds(), tags, strict=True)):
+    for i, ((lo, hi), tag) in batches:
         if i and w.layer_delay_s:
             time.sleep(w.layer_delay_s)  # the next layer's compute; sleeping, not spinning
         t_last = now()
