@@ -85,6 +85,10 @@ def _ratio(w: str, here: list[dict], label: str, ours_name: str, peers_label: st
             f"**{ours['gbps_p50'] / best['gbps_p50']:.2f}x**")
 
 
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f} µs" if seconds < 0.01 else f"{seconds * 1e3:.1f} ms"
+
+
 def ratio_lines(recs: list[dict]) -> str:
     rows = [r for r in recs if "gbps_p50" in r and r.get("workload") != "limits"]
     lines = []
@@ -96,6 +100,11 @@ def ratio_lines(recs: list[dict]) -> str:
             cpu = [f"{r['system']} {r['cpu_s_per_gb_initiator']:.2f}/{r['cpu_s_per_gb_target']:.2f}"
                    for r in here]
             lines.append(f"  CPU s/GB initiator/target: {', '.join(cpu)}")
+            reg = [f"{r['system']} {_us(r['register_s_initiator'])}/{_us(r['register_s_target'])}"
+                   for r in here if "register_s_target" in r]
+            if reg:
+                lines.append(f"  registering the {here[0]['block_bytes'] * here[0]['blocks'] >> 20}"
+                             f" MiB buffer, initiator/target: {', '.join(reg)}")
     return "\n".join(lines)
 
 

@@ -43,6 +43,7 @@ def assert_verified(rec: dict, reps: int = 2) -> None:
     assert rec["verified"] is True and rec["verified_on"] == "decode"
     assert rec["reps"] == reps and rec["warmup_verified"] == 1
     assert rec["gbps_p50"] > 0 and len(rec["gbps_all"]) == reps
+    assert rec["register_s_initiator"] > 0 and rec["register_s_target"] > 0
     for key in (*DIMENSIONS, "argv", "machine", "versions", "last_post_to_done_s_p50"):
         assert key in rec, key
 

@@ -237,7 +237,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
         by_time = "latency_us_p50" in (ours or {})  # the latency row: ranked by time, not GB/s
         lines.append(f"\n{workload}  [{', '.join(dims)}]")
         lines.append(f"  {'system':<30} {'GB/s p50':>9} {'vs ours':>8} {done + ' p50':>14} "
-                     f"{'p99':>10} {'last->done p50':>15} {'CPU s/GB init':>14} {'target':>7}")
+                     f"{'p99':>10} {'last->done p50':>15} {'CPU s/GB init':>14} {'target':>7} "
+                     f"{'register init':>14} {'target':>9}")
         for r in recs:
             if "unsupported" in r:
                 lines.append(f"  {r['system']:<30} {'n/a':>9}  ({r['unsupported'][:90]})")
@@ -254,7 +255,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
             lines.append(f"  {r['system']:<30} {r['gbps_p50']:9.2f} {ratio:>8} "
                          f"{_time(r['latency_s_p50'], 11):>14} {_time(r['latency_s_p99'], 7):>10} "
                          f"{tail:>15} {r['cpu_s_per_gb_initiator']:14.2f} "
-                         f"{r['cpu_s_per_gb_target']:7.2f}")
+                         f"{r['cpu_s_per_gb_target']:7.2f} "
+                         f"{_time(r['register_s_initiator'], 11):>14} "
+                         f"{_time(r['register_s_target'], 6):>9}")
     return "\n".join(lines)
 
 

@@ -219,6 +219,13 @@ def now() -> float:
     return time.clock_gettime(time.CLOCK_MONOTONIC)
 
 
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``fn(*args, **kwargs)`` and the seconds it took (a side's ``register_s``)."""
+    t0 = now()
+    out = fn(*args, **kwargs)
+    return out, now() - t0
+
+
 def cpu_seconds() -> float:
     """user + sys seconds of this process, all its threads (progress threads included)."""
     ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -400,6 +407,8 @@ def run_pair(system: str, spec: PeerSpec, extra: dict[str, Any] | None = None) -
           block perm[i] for i in [lo, hi); a write carries notification ``tag``, a read gets
           None) and ``complete(deadline, busy)`` (returns once every batch posted is complete
           locally), and ``close()``;
+      both objects also have ``register_s``: the seconds their library took to register
+      ``buf`` (harness.timed around the registration call alone);
       ``versions()`` -> dict of library versions.
     ``options`` also hold ``host`` and ``net_device``: the side's address and interface.
     Either maker may raise ``Unsupported`` for a workload its library cannot run.
@@ -420,9 +429,9 @@ def run_pair(system: str, spec: PeerSpec, extra: dict[str, Any] | None = None) -
     try:
         for p in procs.values():
             p.start()
-        _, info, versions = _expect(conns["target"], "info", SETUP_TIMEOUT_S)
+        _, info, versions, reg_target = _expect(conns["target"], "info", SETUP_TIMEOUT_S)
         conns["initiator"].send(("info", info))
-        _expect(conns["initiator"], "ready", SETUP_TIMEOUT_S)
+        _, reg_initiator = _expect(conns["initiator"], "ready", SETUP_TIMEOUT_S)
         w = spec.workload
         results = [_one_rep(conns, w, rep) for rep in range(w.warmup + w.reps)]
         _close_children(conns)
@@ -431,6 +440,8 @@ def run_pair(system: str, spec: PeerSpec, extra: dict[str, Any] | None = None) -
         raise
     _stop(procs, grace_s=SHUTDOWN_TIMEOUT_S)
     record = summarize(system, w, results, versions, extra)
+    record["register_s_initiator"] = reg_initiator
+    record["register_s_target"] = reg_target
     record["network"] = spec.network
     record["netns"] = spec.decode.netns is not None
     record["warmup_verified"] = w.warmup
@@ -533,11 +544,12 @@ def _child_loop(conn, peer, spec: PeerSpec, role: str, place: Place) -> None:
     perm = block_permutation(w)
     if role == "target":
         side = peer.make_target(w, buf, options)
-        conn.send(("info", side.info(), {**base_versions(), **peer.versions()}))
+        conn.send(("info", side.info(), {**base_versions(), **peer.versions()},
+                   side.register_s))
     else:
         _, info = next_command(conn)
         side = peer.make_initiator(w, buf, info, options)
-        conn.send(("ready",))
+        conn.send(("ready", side.register_s))
     cpu0 = cpu_seconds()
     busy = role == "initiator" and w.initiator_busy
     while (msg := next_command(conn, busy))[0] != "close":

@@ -16,7 +16,16 @@ import numpy as np
 
 import kvtransfer as kvt
 
-from .harness import PeerSpec, Unsupported, Workload, block_permutation, now, places, run_pair
+from .harness import (
+    PeerSpec,
+    Unsupported,
+    Workload,
+    block_permutation,
+    now,
+    places,
+    run_pair,
+    timed,
+)
 
 
 def versions() -> dict[str, str]:
@@ -42,8 +51,9 @@ class Target:
         self.ep = _endpoint("bench-decode" if workload.op == "write" else "bench-prefill",
                             options)
         _check_read(self.ep, workload)
-        self.region = self.ep.register(buf, remote_write=workload.op == "write",
-                                       remote_read=workload.op == "read")
+        self.region, self.register_s = timed(self.ep.register, buf,
+                                             remote_write=workload.op == "write",
+                                             remote_read=workload.op == "read")
 
     def info(self) -> tuple[bytes, int]:
         return self.ep.info(), self.region.id
@@ -65,7 +75,7 @@ class Initiator:
         self.ep = _endpoint("bench-prefill" if workload.op == "write" else "bench-decode",
                             options)
         _check_read(self.ep, workload)
-        self.region = self.ep.register(buf)
+        self.region, self.register_s = timed(self.ep.register, buf)
         target_info, self.remote = info
         self.peer = self.ep.connect(target_info)
         bs, n = workload.block_bytes, workload.blocks

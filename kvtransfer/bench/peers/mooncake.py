@@ -71,16 +71,17 @@ def _engine(buf: np.ndarray, host: str):
     engine = TransferEngine()
     if engine.initialize(host, "P2PHANDSHAKE", "tcp", "") != 0:
         raise RuntimeError("mooncake TransferEngine.initialize failed")
-    if engine.register_memory(common.buffer_address(buf), buf.nbytes) != 0:
+    rc, register_s = common.timed(engine.register_memory, common.buffer_address(buf), buf.nbytes)
+    if rc != 0:
         raise RuntimeError("mooncake register_memory failed")
-    return engine
+    return engine, register_s
 
 
 class _Target:
     def __init__(self, workload: Workload, buf: np.ndarray, options: dict[str, Any]):
         self.buf = buf
         self.host = options["host"]
-        self.engine = _engine(buf, self.host)
+        self.engine, self.register_s = _engine(buf, self.host)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -106,7 +107,7 @@ class _Initiator:
         self, workload: Workload, buf: np.ndarray, info: dict[str, Any], options: dict[str, Any]
     ):
         self.buf = buf
-        self.engine = _engine(buf, options["host"])
+        self.engine, self.register_s = _engine(buf, options["host"])
         self.session = info["session"]
         perm = common.block_permutation(workload)
         # Source block i -> destination block perm[i]; this side holds the source of a WRITE

@@ -134,7 +134,7 @@ class _Target:
     def __init__(self, workload: Workload, buf: np.ndarray, options: dict[str, Any]):
         self.options = options
         self.agent = _agent(_TARGET_NAME, options)
-        self.reg = _register(self.agent, buf)
+        self.reg, self.register_s = common.timed(_register, self.agent, buf)
         self.base = common.buffer_address(buf)
 
     def info(self) -> dict[str, Any]:
@@ -161,7 +161,7 @@ class _Initiator:
     ):
         self.options = options
         self.agent = _agent(_INITIATOR_NAME, options)
-        self.reg = _register(self.agent, buf)
+        self.reg, self.register_s = common.timed(_register, self.agent, buf)
         self.remote = self.agent.add_remote_agent(info["metadata"])
         self.local = self.agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT", _descs(common.buffer_address(buf), workload), "DRAM"
