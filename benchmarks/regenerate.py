@@ -1,8 +1,8 @@
 """Regenerates BENCHMARKS.md in one command (`make bench`): transfers of kvtransfer and its
-peers side by side with the machine's limits, a block-size sweep with charts, push vs pull and
-whole vs layer-streamed, the same across two network namespaces (when run as root),
-model-shaped workloads, the pytest-benchmark micro suite, and (where installed) vLLM
-time-to-first-token.
+peers side by side with the machine's limits, sweeps of block size and of blocks per request
+with charts, push vs pull and whole vs layer-streamed, the same across two network namespaces
+(when run as root), model-shaped workloads, the pytest-benchmark micro suite, and (where
+installed) vLLM time-to-first-token.
 
     python benchmarks/regenerate.py [--quick] [--skip-peers] [--skip-vllm]
 """
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep_cmd = [*bench, "--sweep", "--patterns", "random", "--transport", "tcp,cma", *peers,
                  "--limits", "--json", str(OUT / "sweep.jsonl"), "--plot", "docs/bench"]
     run(sweep_cmd)
+    blocks_cmd = [*bench, "--sweep-blocks", "--patterns", "random", "--transport", "tcp,cma",
+                  *peers, "--json", str(OUT / "blocks.jsonl"), "--plot", "docs/bench"]
+    run(blocks_cmd)
     modes_cmd = [*bench, *peers, "--workloads", "4MiBx64,64KiBx4096,latency", "--op",
                  "write,read", "--mode", "whole,streamed", "--layers", "32",
                  "--transport", "tcp,cma",
@@ -278,6 +281,20 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "![bandwidth vs block size](docs/bench/bandwidth_vs_block_size.png)",
         "![latency CDF](docs/bench/latency_cdf.png)",
+        "",
+        "## Blocks per request (64 KiB blocks, random block tables)",
+        "",
+        f"`{' '.join(['kvtransfer bench', *blocks_cmd[3:]])}`",
+        "",
+        "From one block (a short prompt's layer) to 4096 (256 MiB); small requests get more reps "
+        "(each point moves at least 64 MiB, up to 200 reps). Waits sleep here (no spinning), as a "
+        "serving loop's would.",
+        "",
+        transfer_table(records(OUT / "blocks.jsonl")),
+        "",
+        ratio_lines(records(OUT / "blocks.jsonl")),
+        "",
+        "![bandwidth vs blocks per request](docs/bench/bandwidth_vs_blocks_per_request.png)",
         "",
         "## Push vs pull, whole vs layer-streamed",
         "",

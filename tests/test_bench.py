@@ -180,3 +180,24 @@ def test_the_busy_prefill_latency_row_is_measured_and_labelled_apart(tmp_path):
     assert (busy["workload"], busy["initiator_busy"]) == ("latency-64KiB-busy-prefill", True)
     for rec in (idle, busy):
         assert rec["verified"] is True and rec["reps"] == 200 and rec["latency_us_p50"] > 0
+
+
+def test_blocks_per_request_sweep_scales_reps_to_the_request_and_draws_its_chart(tmp_path):
+    out = tmp_path / "blocks.jsonl"
+    assert main(["--sweep-blocks", "--sweep-block-size", "4KiB", "--patterns", "random",
+                 "--no-progress", "--json", str(out), "--plot", str(tmp_path / "plots")]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["blocks"] for r in records] == [1, 4, 16, 64, 256, 1024, 4096]
+    for rec in records:
+        assert rec["sweep"] == "blocks" and rec["block_bytes"] == 4096 and rec["verified"]
+    # A one-block request is over in microseconds: it gets 200 reps, a 16 MiB one the default 5.
+    assert records[0]["reps"] == 200 and records[-1]["reps"] == 5
+    assert (tmp_path / "plots" / "bandwidth_vs_blocks_per_request.png").stat().st_size > 0
+    # ... and leaves the block-size chart (of another run into the same folder) alone.
+    assert not (tmp_path / "plots" / "bandwidth_vs_block_size.png").exists()
+
+
+def test_a_malformed_sweep_block_size_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--sweep-blocks", "--sweep-block-size", "64K", "--no-progress"])
+    assert "give a number and B, KiB, MiB or GiB" in capsys.readouterr().err

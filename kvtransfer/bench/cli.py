@@ -6,6 +6,7 @@ memcpy) measured in the same run.
     kvtransfer bench                                   # the standard workloads, kvtransfer tcp
     kvtransfer bench --peers nixl,mooncake --limits    # ... and the peers and limits
     kvtransfer bench --sweep --plot plots/             # block size 4 KiB -> 4 MiB, PNG charts
+    kvtransfer bench --sweep-blocks --plot plots/      # 1 -> 4096 blocks of 64 KiB a request
     kvtransfer bench --model llama-3.1-8b --prompt-tokens 1024,8192,131072
     kvtransfer bench --transport tcp,fabric:shm --workloads 64KiBx4096 --json out.jsonl
     kvtransfer bench --op write,read --peers nixl      # push vs pull (decode reads, as vLLM)
@@ -63,6 +64,9 @@ from .models import MODELS, model_workload
 
 SWEEP_BLOCKS = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
 SWEEP_TOTAL = 256 << 20
+SWEEP_BLOCK_COUNTS = [1, 4, 16, 64, 256, 1024, 4096]
+# Small requests finish in microseconds: each point moves at least this much, in up to 200 reps.
+SWEEP_BYTES_PER_POINT = 64 << 20
 DEFAULT_LAYERS = 32
 PEERS = {  # --peers name -> (module, variants)
     "nixl": ("kvtransfer.bench.peers.nixl", ["nixl-ucx-tcp", "nixl-ucx-default"]),
@@ -77,6 +81,14 @@ BUSY_POLL_PEERS = {
 }
 _SIZE = re.compile(r"^(\d+)(B|KiB|MiB|GiB)x(\d+)(?:-(random|sequential))?$")
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """"64KiB" -> 65536 (B, KiB, MiB or GiB)."""
+    m = re.match(r"^(\d+)(B|KiB|MiB|GiB)$", text)
+    if not m:
+        raise ValueError(f"size {text!r}: give a number and B, KiB, MiB or GiB, e.g. 64KiB")
+    return int(m.group(1)) * _UNITS[m.group(2)]
 
 
 def parse_workload(name: str, reps: int) -> Workload:
@@ -99,8 +111,16 @@ def _base_workloads(args: argparse.Namespace) -> list[tuple[Workload, str, int]]
     if args.sweep:
         for bs in SWEEP_BLOCKS:
             for pattern in args.patterns:
-                out.append((Workload(bs, SWEEP_TOTAL // bs, pattern, reps=args.reps), "",
-                            args.layers))
+                out.append((Workload(bs, SWEEP_TOTAL // bs, pattern, reps=args.reps,
+                                     sweep="block-size"), "", args.layers))
+    if args.sweep_blocks:
+        bs = parse_size(args.sweep_block_size)
+        for n in SWEEP_BLOCK_COUNTS:
+            reps = min(200, max(args.reps, SWEEP_BYTES_PER_POINT // (bs * n)))
+            for pattern in args.patterns:
+                name = f"{args.sweep_block_size}x{n}-{pattern}"
+                out.append((Workload(bs, n, pattern, reps=reps, warmup=max(1, reps // 10),
+                                     name=name, sweep="blocks"), "", min(args.layers, n)))
     if args.model:
         for tokens in args.prompt_tokens:
             w, note = model_workload(args.model, tokens, reps=args.reps)
@@ -270,8 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma list of {', '.join(STANDARD_WORKLOADS)}, or "
                          "<size>x<blocks>[-random|-sequential] such as 16KiBx512")
     ap.add_argument("--sweep", action="store_true", help="block size 4 KiB -> 4 MiB, 256 MiB")
+    ap.add_argument("--sweep-blocks", action="store_true",
+                    help="blocks per request 1 -> 4096, of --sweep-block-size each")
+    ap.add_argument("--sweep-block-size", default="64KiB",
+                    help="block size of --sweep-blocks (e.g. 16KiB)")
     ap.add_argument("--patterns", type=csv, default=["random", "sequential"],
-                    help="block tables for --sweep")
+                    help="block tables for --sweep and --sweep-blocks")
     ap.add_argument("--model", choices=sorted(MODELS), help="model-shaped workload")
     ap.add_argument("--prompt-tokens", type=lambda s: [int(x) for x in csv(s)],
                     default=[1024, 8192, 32768, 131072])

@@ -76,6 +76,7 @@ class Workload:
     # as a prefill worker does right after its forward pass. Asleep between reps, every post
     # starts on a CPU that was idle and pays for cold caches (benchmarks/NOTES.md).
     initiator_busy: bool = False
+    sweep: str = ""  # the sweep it is a point of ("block-size", "blocks"), for charts
     name: str = ""
     op: str = "write"  # "write": prefill pushes; "read": decode pulls
     mode: str = "whole"  # "whole": one batch; "streamed": one batch per layer
@@ -293,6 +294,7 @@ def summarize(
         "layer_delay_s": workload.layer_delay_s,
         "reps": len(reps),
         "initiator_busy": workload.initiator_busy,
+        "sweep": workload.sweep,
         "gbps_p50": statistics.median(gb / t for t in lat),
         "gbps_all": [gb / t for t in lat],
         "latency_s_p50": _percentile(lat, 50),

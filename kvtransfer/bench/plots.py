@@ -1,6 +1,7 @@
 """PNG charts of a bench run: bandwidth against block size per system (and op, mode, network),
-the CDF of one-block latency (write -> notified, read -> done), and, for layer-streamed runs,
-the time from the last layer's post until the decode side has every byte."""
+bandwidth against blocks per request (--sweep-blocks), the CDF of one-block latency (write ->
+notified, read -> done), and, for layer-streamed runs, the time from the last layer's post until
+the decode side has every byte."""
 
 from __future__ import annotations
 
@@ -21,14 +22,9 @@ def series_name(r: dict[str, Any]) -> str:
     return f"{r['system']} ({', '.join(dims)})"
 
 
-def write_plots(records: list[dict[str, Any]], out_dir: str) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(out_dir, exist_ok=True)
-    ok = [r for r in records if "gbps_p50" in r and "block_bytes" in r]
-    paths = []
+def _block_size_chart(plt: Any, ok: list[dict[str, Any]], records: list[dict[str, Any]],
+                      out_dir: str) -> str:
+    """GB/s against block size, one line per system and block table; the limits as lines."""
     series = sorted({series_name(r) for r in ok})
 
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -51,9 +47,49 @@ def write_plots(records: list[dict[str, Any]], out_dir: str) -> list[str]:
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a run of one block size draws no line
         ax.legend(fontsize=7)
-    paths.append(os.path.join(out_dir, "bandwidth_vs_block_size.png"))
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    path = os.path.join(out_dir, "bandwidth_vs_block_size.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return path
+
+
+def _blocks_chart(plt: Any, records: list[dict[str, Any]], out_dir: str) -> str:
+    """GB/s against blocks per request, one line per system and block table."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name in sorted({series_name(r) for r in records}):
+        for pattern, style in (("random", "-o"), ("sequential", "--s")):
+            pts = sorted((r["blocks"], r["gbps_p50"]) for r in records
+                         if series_name(r) == name and r.get("pattern") == pattern)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style,
+                        label=f"{name} {pattern}")
+    sizes = sorted({r["block_bytes"] for r in records})
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"blocks per request (of {', '.join(f'{s >> 10} KiB' for s in sizes)})")
+    ax.set_ylabel("GB/s until the decode side has the bytes (p50, verified)")
+    ax.set_title("Bandwidth vs blocks per request")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    path = os.path.join(out_dir, "bandwidth_vs_blocks_per_request.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_plots(records: list[dict[str, Any]], out_dir: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    ok = [r for r in records if "gbps_p50" in r and "block_bytes" in r]
+    paths = []
+    by_blocks = [r for r in ok if r.get("sweep") == "blocks"]
+    ok = [r for r in ok if r.get("sweep") != "blocks"]
+    if any(r["blocks"] > 1 for r in ok):
+        paths.append(_block_size_chart(plt, ok, records, out_dir))
+    if by_blocks:
+        paths.append(_blocks_chart(plt, by_blocks, out_dir))
 
     single = [r for r in ok if r["blocks"] == 1 and r.get("gbps_all")]
     if single:
