@@ -159,6 +159,19 @@ def replace_fabric_section(section: str) -> None:
     path.write_text(head + section + ("\n" + tail if tail else ""))
 
 
+NOTES = ROOT / "benchmarks" / "NOTES.md"
+
+
+def replace_notes() -> None:
+    """Puts benchmarks/NOTES.md in place of the notes BENCHMARKS.md ends with."""
+    path = ROOT / "BENCHMARKS.md"
+    doc, notes = path.read_text(), NOTES.read_text()
+    heading = notes.splitlines()[0]
+    if heading not in doc:
+        raise SystemExit(f"BENCHMARKS.md has no {heading!r} to replace: run make bench")
+    path.write_text(doc[:doc.index(heading)] + notes)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="3 reps, fewer workloads")
@@ -166,8 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--only-fabric", action="store_true",
                     help="rerun only the libfabric providers section of BENCHMARKS.md")
+    ap.add_argument("--only-notes", action="store_true",
+                    help="copy benchmarks/NOTES.md into BENCHMARKS.md again, measuring nothing")
     args = ap.parse_args(argv)
     OUT.mkdir(exist_ok=True)
+    if args.only_notes:
+        replace_notes()
+        print("updated the notes at the end of BENCHMARKS.md")
+        return 0
     if args.only_fabric:
         replace_fabric_section(fabric_section(args.quick))
         print("updated the libfabric section of BENCHMARKS.md")
@@ -346,9 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     if ttft:
         md += ["## vLLM: decode time-to-first-token, kvtransfer pull vs recompute", "", ttft, ""]
     md += [fabric]
-    extra = ROOT / "benchmarks" / "NOTES.md"
-    if extra.exists():
-        md += [extra.read_text()]
+    if NOTES.exists():
+        md += [NOTES.read_text()]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(md))
     print("wrote BENCHMARKS.md")
     return 0

@@ -249,9 +249,8 @@ class Endpoint:
     def _transfer(self, is_write: bool, peer: Peer, local: Region, remote_region: int,
                   segments: Any, notify: bytes | None, timeout: float | None,
                   checksum: bool | None) -> Transfer:
-        # The latency path: every Python step here is paid per write, and more so with cold
-        # caches after idle time (~10 us for a numpy conversion in front of the core's own on
-        # this host, benchmarks/NOTES.md). The core converts and checks the arguments itself;
+        # The latency path: every Python step here is paid on each write, cold after idle time.
+        # The core converts and checks the arguments itself (one numpy conversion, not two);
         # Python only explains what it refused.
         if not isinstance(peer, Peer):
             raise InvalidRequestError(
