@@ -103,8 +103,10 @@ def ratio_lines(recs: list[dict]) -> str:
             reg = [f"{r['system']} {_us(r['register_s_initiator'])}/{_us(r['register_s_target'])}"
                    for r in here if "register_s_target" in r]
             if reg:
-                lines.append(f"  registering the {here[0]['block_bytes'] * here[0]['blocks'] >> 20}"
-                             f" MiB buffer, initiator/target: {', '.join(reg)}")
+                size = here[0]["block_bytes"] * here[0]["blocks"]
+                size_text = f"{size >> 20} MiB" if size >= 1 << 20 else f"{size >> 10} KiB"
+                lines.append(f"  registering the {size_text} buffer, initiator/target: "
+                             f"{', '.join(reg)}")
     return "\n".join(lines)
 
 
