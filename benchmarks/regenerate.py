@@ -146,12 +146,42 @@ def fabric_section(quick: bool) -> str:
             f"shared with other work).\n\n{body}\n")
 
 
-def replace_fabric_section(section: str) -> None:
-    """Puts `section` in place of BENCHMARKS.md's libfabric section (or before the notes)."""
+MODELS_HEADING = "## Model-shaped requests (one segment per layer, K/V and block of 16 tokens)"
+MODEL_PROMPTS = "1024,131072"  # a short prompt, and the longest (scaled to fit, and said so)
+
+
+def model_section(bench: list[str], peers: list[str]) -> str:
+    """Runs every model preset beside the peers and returns its BENCHMARKS.md section."""
+    from kvtransfer.bench.models import MODELS
+
+    out = OUT / "models.jsonl"
+    out.unlink(missing_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+    def cmd(model: str) -> list[str]:
+        return [*bench, *peers, "--model", model, "--prompt-tokens", MODEL_PROMPTS,
+                "--transport", "tcp,cma", "--json", str(out)]
+
+    for model in sorted(MODELS):
+        run(cmd(model))
+    recs = records(out) if out.exists() else []
+    return "\n".join([
+        MODELS_HEADING, "",
+        f"`{' '.join(['kvtransfer bench', *cmd('<preset>')[3:]])}` for each preset: "
+        f"{', '.join(sorted(MODELS))} (run {started})", "",
+        transfer_table(recs), "",
+        ratio_lines(recs), "",
+        "\n".join(f"- {r['workload']}: {r['scaled']}" for r in recs
+                  if r.get("scaled") and r["system"] == "kvtransfer-tcp"), "",
+    ])
+
+
+def replace_section(heading: str, section: str) -> None:
+    """Puts `section` in place of BENCHMARKS.md's section `heading` (or before the notes)."""
     path = ROOT / "BENCHMARKS.md"
     doc = path.read_text()
-    if FABRIC_HEADING in doc:
-        head, rest = doc.split(FABRIC_HEADING, 1)
+    if heading in doc:
+        head, rest = doc.split(heading, 1)
         nxt = rest.find("\n## ")
         tail = rest[nxt + 1:] if nxt >= 0 else ""
     else:
@@ -181,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--only-fabric", action="store_true",
                     help="rerun only the libfabric providers section of BENCHMARKS.md")
+    ap.add_argument("--only-models", action="store_true",
+                    help="rerun only the model-shaped section of BENCHMARKS.md")
     ap.add_argument("--only-notes", action="store_true",
                     help="copy benchmarks/NOTES.md into BENCHMARKS.md again, measuring nothing")
     args = ap.parse_args(argv)
@@ -190,13 +222,18 @@ def main(argv: list[str] | None = None) -> int:
         print("updated the notes at the end of BENCHMARKS.md")
         return 0
     if args.only_fabric:
-        replace_fabric_section(fabric_section(args.quick))
+        replace_section(FABRIC_HEADING, fabric_section(args.quick))
         print("updated the libfabric section of BENCHMARKS.md")
         return 0
     reps = "3" if args.quick else "5"
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     bench = [PY, "-m", "kvtransfer.bench", "--reps", reps]
     peers = [] if args.skip_peers else ["--peers", "nixl,mooncake"]
+    sys.path.insert(0, str(ROOT))  # the children run from ROOT; this process from benchmarks/
+    if args.only_models:
+        replace_section(MODELS_HEADING, model_section(bench, peers))
+        print("updated the model-shaped section of BENCHMARKS.md")
+        return 0
     for f in OUT.glob("*.jsonl"):
         f.unlink()
 
@@ -227,7 +264,6 @@ def main(argv: list[str] | None = None) -> int:
                  "--layer-delay-us", "3000", "--transport", "tcp,cma",
                  "--json", str(OUT / "modes.jsonl")]
     run(paced_cmd)
-    sys.path.insert(0, str(ROOT))  # the children run from ROOT; this process from benchmarks/
     from kvtransfer.testing.netns import unavailable_reason
 
     netns_skipped = unavailable_reason()
@@ -235,11 +271,7 @@ def main(argv: list[str] | None = None) -> int:
                  "write,read", "--transport", "tcp", "--json", str(OUT / "netns.jsonl")]
     if not netns_skipped:
         run(netns_cmd)
-    model_cmd = [*bench, "--model", "llama-3.1-8b", "--prompt-tokens", "1024,8192,131072",
-                 "--json", str(OUT / "models.jsonl")]
-    run(model_cmd)
-    run([*bench, "--model", "deepseek-v3", "--prompt-tokens", "8192,131072",
-         "--json", str(OUT / "models.jsonl")])
+    models = model_section(bench, peers)
     micro_cmd = [PY, "-m", "pytest", "-q", "benchmarks", "-p", "no:cacheprovider",
                  f"--benchmark-json={OUT / 'micro.json'}", "--benchmark-min-rounds=5"]
     run(micro_cmd)
@@ -348,15 +380,7 @@ def main(argv: list[str] | None = None) -> int:
          "(same-host paths such as CMA still work, see each record's veth byte count).\n\n"
          + transfer_table(records(OUT / "netns.jsonl"))),
         "",
-        "## Model-shaped requests (one segment per layer, K/V and block of 16 tokens)",
-        "",
-        f"`{' '.join(['kvtransfer bench', *model_cmd[3:]])}` (and `--model deepseek-v3`)",
-        "",
-        transfer_table(records(OUT / "models.jsonl")),
-        "",
-        "\n".join(f"- {r['workload']}: {r['scaled']}" for r in records(OUT / "models.jsonl")
-                  if r.get("scaled")),
-        "",
+        models,
         "## Micro benchmarks (pytest-benchmark)",
         "",
         f"`{' '.join(micro_cmd[1:])}`",
