@@ -176,6 +176,14 @@ def model_section(bench: list[str], peers: list[str]) -> str:
     ])
 
 
+NOTES = ROOT / "benchmarks" / "NOTES.md"
+
+
+def notes_heading() -> str:
+    """The heading BENCHMARKS.md's closing notes start with: NOTES.md's first line."""
+    return NOTES.read_text().splitlines()[0]
+
+
 def replace_section(heading: str, section: str) -> None:
     """Puts `section` in place of BENCHMARKS.md's section `heading` (or before the notes)."""
     path = ROOT / "BENCHMARKS.md"
@@ -185,20 +193,17 @@ def replace_section(heading: str, section: str) -> None:
         nxt = rest.find("\n## ")
         tail = rest[nxt + 1:] if nxt >= 0 else ""
     else:
-        marker = "## Where kvtransfer loses"
+        marker = notes_heading()
         head, tail = (doc.split(marker, 1) if marker in doc else (doc + "\n", ""))
         tail = marker + tail if tail else ""
     path.write_text(head + section + ("\n" + tail if tail else ""))
-
-
-NOTES = ROOT / "benchmarks" / "NOTES.md"
 
 
 def replace_notes() -> None:
     """Puts benchmarks/NOTES.md in place of the notes BENCHMARKS.md ends with."""
     path = ROOT / "BENCHMARKS.md"
     doc, notes = path.read_text(), NOTES.read_text()
-    heading = notes.splitlines()[0]
+    heading = notes_heading()
     if heading not in doc:
         raise SystemExit(f"BENCHMARKS.md has no {heading!r} to replace: run make bench")
     path.write_text(doc[:doc.index(heading)] + notes)

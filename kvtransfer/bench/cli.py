@@ -79,13 +79,14 @@ BUSY_POLL_PEERS = {
     "nixl": [("nixl-ucx-tcp", {"progress_thread": False}),
              ("nixl-ucx-default", {"progress_thread": False})],
 }
-_SIZE = re.compile(r"^(\d+)(B|KiB|MiB|GiB)x(\d+)(?:-(random|sequential))?$")
 _UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+_UNIT = "|".join(_UNITS)
+_WORKLOAD = re.compile(rf"^(\d+(?:{_UNIT}))x(\d+)(?:-(random|sequential))?$")
 
 
 def parse_size(text: str) -> int:
     """"64KiB" -> 65536 (B, KiB, MiB or GiB)."""
-    m = re.match(r"^(\d+)(B|KiB|MiB|GiB)$", text)
+    m = re.fullmatch(rf"(\d+)({_UNIT})", text)
     if not m:
         raise ValueError(f"size {text!r}: give a number and B, KiB, MiB or GiB, e.g. 64KiB")
     return int(m.group(1)) * _UNITS[m.group(2)]
@@ -96,12 +97,12 @@ def parse_workload(name: str, reps: int) -> Workload:
     if name in STANDARD_WORKLOADS:
         w = STANDARD_WORKLOADS[name]
         return w if name in LATENCY_WORKLOADS else dataclasses.replace(w, reps=reps)
-    m = _SIZE.match(name)
+    m = _WORKLOAD.match(name)
     if not m:
         raise ValueError(f"unknown workload {name!r}: use one of {', '.join(STANDARD_WORKLOADS)} "
                          "or <size>x<blocks>[-random|-sequential], e.g. 64KiBx4096")
-    size, unit, blocks, pattern = m.groups()
-    return Workload(int(size) * _UNITS[unit], int(blocks), pattern or "random", reps=reps,
+    size, blocks, pattern = m.groups()
+    return Workload(parse_size(size), int(blocks), pattern or "random", reps=reps,
                     name=name if pattern else f"{name}-random")
 
 
