@@ -54,6 +54,54 @@ def test_a_spinning_waiter_reads_small_writes_itself_and_every_initiator_sees_do
     assert initiator.stats()["transfers_done"] == 50
 
 
+def _spin_for(target, tags: list[bytes], seen: list[bytes]) -> threading.Thread:
+    def wait_all() -> None:
+        for tag in tags:
+            seen.append(target.wait_notification(tag, timeout=5, spin=5).payload)
+
+    t = threading.Thread(target=wait_all)
+    t.start()
+    return t
+
+
+def test_a_spinning_waiter_reads_heads_longer_than_its_first_look(linked):
+    # A 4 KiB notification (the limit) and 256 segments in one frame: heads of ~4 KiB each, where
+    # the waiter first peeks 1 KiB. It must look again, further, and land them itself.
+    target, initiator, peer, rs, rd, src, dst = linked
+    reads_before = target.stats()["spin_reads"]
+    tags = [bytes([65 + i]) * 4096 for i in range(3)]
+    seen: list[bytes] = []
+    waiter = _spin_for(target, tags, seen)
+    segs = np.array([[i * 512, (1000 + i) * 512, 256] for i in range(256)], np.int64)
+    for i, tag in enumerate(tags):
+        time.sleep(0.002)
+        initiator.write(peer, rs, rd.id, segs + [i * 64, i * 64, 0], notify=tag).wait(5)
+    waiter.join(10)
+    assert seen == tags
+    for i in range(3):
+        for s, d, n in (segs + [i * 64, i * 64, 0])[[0, 127, 255]]:
+            assert (dst[d:d + n] == src[s:s + n]).all()
+    assert target.stats()["spin_reads"] - reads_before >= 3
+
+
+def test_a_burst_of_queued_writes_is_taken_in_order_by_a_spinning_waiter(linked):
+    # Many small notified writes posted back to back: the socket holds several BEGIN + write
+    # pairs at once, and the waiter's reads may end anywhere among them.
+    target, initiator, peer, rs, rd, src, dst = linked
+    tags = [b"burst-%d" % i for i in range(64)]
+    seen: list[bytes] = []
+    waiter = _spin_for(target, tags, seen)
+    time.sleep(0.01)
+    xs = [initiator.write(peer, rs, rd.id, [[i * 4096, i * 4096, 1000 + i]], notify=tag)
+          for i, tag in enumerate(tags)]
+    for x in xs:
+        x.wait(5)
+    waiter.join(10)
+    assert seen == tags
+    for i in range(64):
+        assert (dst[i * 4096:i * 4096 + 1000 + i] == src[i * 4096:i * 4096 + 1000 + i]).all()
+
+
 def test_reads_served_while_a_waiter_spins(linked):
     target, initiator, peer, rs, rd, src, dst = linked
     dst[:] = src

@@ -54,6 +54,7 @@ class TcpTransport : public Transport {
     std::chrono::steady_clock::time_point partial_since{};  // under io.mu
     std::vector<wire::DataDesc> descs;
     std::vector<uint8_t> raw;
+    std::vector<uint8_t> peeked;  // a spinning waiter's copy of the frame heads queued
     std::vector<struct iovec> iov;
     // A write frame whose head was read and checked and whose payload is still coming: a
     // spinning waiter lands what is queued and comes back for the rest, or leaves the rest to
@@ -70,8 +71,9 @@ class TcpTransport : public Transport {
       std::shared_ptr<const Region> region;  // where the payload lands; null when discarded
     } landing;
   };
-  // For a spinning waiter: kReady when reading the next frame up to its payload cannot block.
-  enum class Queued { kNothing, kReady, kPartial, kNotForWaiter };
+  // What a spinning waiter found queued: frames it took (kTaken), none, the start of a frame
+  // whose head is still coming (kPartial), or a frame that is its thread's (kNotForWaiter).
+  enum class Queued { kNothing, kTaken, kPartial, kNotForWaiter };
 
   void accept_loop();
   void serve(std::shared_ptr<Inbound> conn);
@@ -79,7 +81,8 @@ class TcpTransport : public Transport {
   void serve_frame(Inbound& conn, bool wait);
   void start_landing(Inbound& conn, const wire::DataHeader& h);
   bool land(Inbound& conn, bool wait);
-  Queued queued_frame(const Inbound& conn) const;
+  void landed(Inbound& conn);
+  Queued take_queued(Inbound& conn);
 
   TransportContext ctx_;
   net::Socket listener_;
