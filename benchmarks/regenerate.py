@@ -146,6 +146,36 @@ def fabric_section(quick: bool) -> str:
             f"shared with other work).\n\n{body}\n")
 
 
+LATENCY_HEADING = "## Latency: one 64 KiB write -> target notified, both sides spinning"
+
+
+def latency_section(bench: list[str], peers: list[str], quick: bool) -> str:
+    """Runs the latency rows beside the peers and returns their BENCHMARKS.md section."""
+    out = OUT / "latency.jsonl"
+    out.unlink(missing_ok=True)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    # The latency row drifts most between runs (where each process lands on 2 cores): every
+    # system is measured LATENCY_RUNS times, taking turns, and its median run is reported.
+    cmd = [*bench, *peers, "--workloads", "latency,latency-busy", "--transport", "tcp,cma",
+           "--runs", "3" if quick else str(LATENCY_RUNS), "--json", str(out)]
+    run(cmd)
+    recs = records(out) if out.exists() else []
+    return "\n".join([
+        LATENCY_HEADING, "",
+        f"`{' '.join(['kvtransfer bench', *cmd[3:]])}` (run {started})", "",
+        "The decode side waits with `wait_notification(..., spin=)` (it then reads TCP frames and "
+        "cma records itself, docs/transports.md); the peers spin on their completion calls, and "
+        "NIXL is also run without its progress thread (`-noprogthread`), its best here. Every "
+        "system was measured in turns; the table shows each one's median run. In "
+        "`latency-64KiB` the prefill process sleeps between reps, so each write starts on a CPU "
+        "that was idle; in `latency-64KiB-busy-prefill` it polls for its next command instead, "
+        "so it posts from a busy CPU, as a prefill worker right after its forward pass.", "",
+        transfer_table(recs), "",
+        "Ratios (same runs):", "",
+        ratio_lines(recs), "",
+    ])
+
+
 MODELS_HEADING = "## Model-shaped requests (one segment per layer, K/V and block of 16 tokens)"
 MODEL_PROMPTS = "1024,131072"  # a short prompt, and the longest (scaled to fit, and said so)
 
@@ -216,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--only-fabric", action="store_true",
                     help="rerun only the libfabric providers section of BENCHMARKS.md")
+    ap.add_argument("--only-latency", action="store_true",
+                    help="rerun only the latency section of BENCHMARKS.md")
     ap.add_argument("--only-models", action="store_true",
                     help="rerun only the model-shaped section of BENCHMARKS.md")
     ap.add_argument("--only-notes", action="store_true",
@@ -239,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         replace_section(MODELS_HEADING, model_section(bench, peers))
         print("updated the model-shaped section of BENCHMARKS.md")
         return 0
+    if args.only_latency:
+        replace_section(LATENCY_HEADING, latency_section(bench, peers, args.quick))
+        print("updated the latency section of BENCHMARKS.md")
+        return 0
     for f in OUT.glob("*.jsonl"):
         f.unlink()
 
@@ -246,12 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--workloads", "4MiBx64,64KiBx4096,4KiBx16384",
                 "--json", str(OUT / "transfers.jsonl"), "--plot", "docs/bench"]
     run(main_cmd)
-    # The latency row drifts most between runs (where each process lands on 2 cores): every
-    # system is measured LATENCY_RUNS times, taking turns, and its median run is reported.
-    latency_cmd = [*bench, *peers, "--workloads", "latency,latency-busy", "--transport", "tcp,cma",
-                   "--runs", "3" if args.quick else str(LATENCY_RUNS),
-                   "--json", str(OUT / "latency.jsonl")]
-    run(latency_cmd)
+    latency = latency_section(bench, peers, args.quick)
     sweep_cmd = [*bench, "--sweep", "--patterns", "random", "--transport", "tcp,cma", *peers,
                  "--limits", "--json", str(OUT / "sweep.jsonl"), "--plot", "docs/bench"]
     run(sweep_cmd)
@@ -319,24 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         limits_lines(t),
         "",
-        "## Latency: one 64 KiB write -> target notified, both sides spinning",
-        "",
-        f"`{' '.join(['kvtransfer bench', *latency_cmd[3:]])}`",
-        "",
-        "The decode side waits with `wait_notification(..., spin=)` (it then reads TCP frames and "
-        "cma records itself, docs/transports.md); the peers spin on their completion calls, and "
-        "NIXL is also run without its progress thread (`-noprogthread`), its best here. Every "
-        "system was measured in turns; the table shows each one's median run. In "
-        "`latency-64KiB` the prefill process sleeps between reps, so each write starts on a CPU "
-        "that was idle; in `latency-64KiB-busy-prefill` it polls for its next command instead, "
-        "so it posts from a busy CPU, as a prefill worker right after its forward pass.",
-        "",
-        transfer_table(records(OUT / "latency.jsonl")),
-        "",
-        "Ratios (same runs):",
-        "",
-        ratio_lines(records(OUT / "latency.jsonl")),
-        "",
+        latency,
         "## Block-size sweep (random block tables, 256 MiB)",
         "",
         f"`{' '.join(['kvtransfer bench', *sweep_cmd[3:]])}`",
