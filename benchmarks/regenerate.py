@@ -66,7 +66,9 @@ COMPARISONS = [
     ("kvtransfer cma", "kvtransfer-cma", "NIXL same-host",
      ("nixl-ucx-default", "nixl-ucx-default-noprogthread")),
 ]
-LATENCY_RUNS = 5
+# A 5-run median still moved by 20 µs between runs of one system (host noise comes in spells
+# of seconds): 9 runs, in turns with the peers.
+LATENCY_RUNS = 9
 
 
 def _ratio(w: str, here: list[dict], label: str, ours_name: str, peers_label: str,
