@@ -46,9 +46,10 @@ SAN=${FUZZ_SANITIZE:-address,undefined}
 CXXFLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -Wall -Wextra -Werror -Icsrc -Ifuzz
           "-fsanitize=$SAN" -fno-sanitize-recover=undefined)
 # The decoders and what they need: the wire codec, the control channel's framing (with the
-# socket layer under it), HMAC for the handshake proofs, the KV file codec.
+# socket layer under it), HMAC for the handshake proofs, the KV file codec, and the cma arrival
+# ring (shared memory a peer process writes).
 LIB_SOURCES=(csrc/wire/*.cpp csrc/auth/hmac_sha256.cpp csrc/net/socket.cpp
-             csrc/engine/control_channel.cpp)
+             csrc/engine/control_channel.cpp csrc/transport/cma/cma_arrival_ring.cpp)
 if compgen -G "csrc/serialize/*.cpp" >/dev/null; then LIB_SOURCES+=(csrc/serialize/*.cpp); fi
 HARNESSES=(fuzz/fuzz_*.cpp)
 

@@ -5,9 +5,11 @@
 #include <sys/stat.h>
 
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
+#include "transport/cma/cma_arrival_ring.h"
 #include "wire/control.h"
 #include "wire/crc32c.h"
 #include "wire/data_frame.h"
@@ -383,6 +385,24 @@ void kv_file_seeds() {
 
 }  // namespace
 
+void arrival_ring_seeds() {
+  // The ring's memory as an initiator leaves it (ArrivalRing::push).
+  const std::string h = "arrival_ring";
+  auto image = [](int records, const std::string& text) {
+    alignas(64) static char mem[kvt::cma::ArrivalRing::bytes()];
+    std::memset(mem, 0, sizeof mem);
+    kvt::cma::ArrivalRing ring(mem);
+    for (int i = 0; i < records; ++i) ring.push(100 + i, 1, i % 2 ? text : "");
+    return std::string(mem, sizeof mem);
+  };
+  put(h, "empty", image(0, ""));
+  put(h, "two_records_one_with_begin", image(2, std::string(60, 'b')));
+  put(h, "full", image(static_cast<int>(kvt::cma::kRingSlots), "x"));
+  std::string beyond = image(1, "");
+  beyond[0] = '\x7f';  // tail far beyond the ring
+  put(h, "tail_beyond_the_ring", beyond);
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s CORPUS_ROOT\n", argv[0]);
@@ -394,6 +414,7 @@ int main(int argc, char** argv) {
   data_seeds();
   info_seeds();
   handshake_seeds();
+  arrival_ring_seeds();
 #ifdef HAVE_KV_FILE
   kv_file_seeds();
 #endif

@@ -17,8 +17,10 @@ void SpinReaders::begin(const std::vector<Reader*>& readers) {
   }
 }
 
-void SpinReaders::end() {
-  if (spinners_.fetch_sub(1) == 1) wake_parked();
+void SpinReaders::end(const std::function<void()>& last) {
+  if (spinners_.fetch_sub(1) != 1) return;
+  if (last) last();
+  wake_parked();
 }
 
 void SpinReaders::hand_back(Reader& r) {

@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -28,8 +29,9 @@ class SpinReaders {
 
   // A waiter starts spinning: threads sleeping on their sockets are moved off them.
   void begin(const std::vector<Reader*>& readers);
-  // The last spinner ended: threads go back to their sockets.
-  void end();
+  // A spinner ended. The last one runs `last` (if given), then sends the threads back to their
+  // sockets.
+  void end(const std::function<void()>& last = {});
   bool spinning() const { return spinners_.load() > 0; }
   // A spinning waiter met something it does not read (a large or partial unit, an error, end
   // of file): the connection's own thread reads what is queued, then hands it back.

@@ -1,7 +1,8 @@
 // The cma transport's only socket: a unix SOCK_SEQPACKET connection in the abstract namespace
 // (so it is reachable only from the same network namespace), carrying small records - the
 // session hello, the welcome with the region table's and busy board's memfds (SCM_RIGHTS),
-// then "units of transfer S landed" and refusals from initiator to target. Its end of file is
+// then "units of transfer S landed" (unless the arrival ring carries them) and refusals from
+// initiator to target. Its end of file is
 // how each side learns the other is gone.
 #pragma once
 
@@ -23,6 +24,7 @@ enum class MsgType : uint32_t {
   kRefused = 5,  // initiator -> target: transfer `slot` refused (arg: ErrorCode), text says why
   kBegin = 6,    // initiator -> target: text is the BEGIN of a carried-BEGIN op that failed,
                  // ahead of its kRefused, so the target can fail the transfer it names
+  kDoorbell = 7,  // initiator -> target: records wait in the arrival ring (cma_arrival_ring.h)
 };
 
 struct Msg {

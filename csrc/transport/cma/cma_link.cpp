@@ -39,6 +39,7 @@ char* end_of(const struct iovec& v) { return static_cast<char*>(v.iov_base) + v.
 CmaLink::CmaLink(TransportSink& sink, uint64_t peer, net::Socket sock, pid_t pid,
                  std::unique_ptr<RegionTableView> table, int workers)
     : sink_(sink), peer_(peer), sock_(std::move(sock)), pid_(pid), table_(std::move(table)) {
+  if (char* area = table_->ring_area()) ring_ = std::make_unique<ArrivalRing>(area);
   // Named, so a stack dump or /proc/PID/task tells the copy threads apart.
   for (int i = 0; i < std::max(1, workers); ++i) {
     threads_.spawn([this] {
@@ -180,10 +181,23 @@ void CmaLink::run_unit(CmaOp& op, uint32_t i) {
   }
   try {
     // Every unit's copy returned, so all of the op's bytes are in the target's memory.
-    send_msg(sock_, MsgType::kArrived, op.units, op.slot, op.begin);
+    if (!tell_in_ring(op)) send_msg(sock_, MsgType::kArrived, op.units, op.slot, op.begin);
   } catch (const Error& e) {
     broken(e);
   }
+}
+
+// While a waiter of the target polls the arrival ring, the record goes there, with no system
+// call on either side; a doorbell follows if that waiter stopped meanwhile. False: send it on
+// the socket (no waiter, a full ring, a BEGIN too long for it).
+bool CmaLink::tell_in_ring(const CmaOp& op) {
+  if (!ring_ || !ring_->polled()) return false;
+  {
+    std::lock_guard<std::mutex> lock(ring_mu_);
+    if (!ring_->push(op.slot, op.units, op.begin)) return false;
+  }
+  if (!ring_->polled()) send_msg(sock_, MsgType::kDoorbell, 0, 0);
+  return true;
 }
 
 void CmaLink::copy_unit(CmaOp& op, uint32_t i) {

@@ -3,8 +3,9 @@
 // with process_vm_writev / process_vm_readv (an idle link copies a one-unit op on the posting
 // thread instead, saving a wake-up on the latency path). Each unit is checked against the
 // target's shared region table and marked in flight on this session's busy board while it
-// copies (cma_region_table.h). When an op's last unit has landed, one record on the session
-// socket tells the target (writes); reads complete here.
+// copies (cma_region_table.h). When an op's last unit has landed, one record tells the target
+// (writes): in the session's arrival ring while a waiter of the target polls it, else on the
+// session socket (cma_arrival_ring.h). Reads complete here.
 #pragma once
 
 #include <sys/types.h>
@@ -44,6 +45,7 @@ class CmaLink : public DataLink {
   void run_unit(CmaOp& op, uint32_t i);
   void copy_unit(CmaOp& op, uint32_t i);
   void fail_op(CmaOp& op, const Error& e);
+  bool tell_in_ring(const CmaOp& op);
   void watch_loop();
   void broken(const Error& e);
   void quiesce();  // stops new copies and waits for those under way
@@ -53,6 +55,8 @@ class CmaLink : public DataLink {
   net::Socket sock_;
   pid_t pid_;
   std::unique_ptr<RegionTableView> table_;
+  std::unique_ptr<ArrivalRing> ring_;  // null when the target's board has none
+  std::mutex ring_mu_;                 // one writer at a time
 
   std::mutex mu_;
   std::condition_variable cv_;       // work queued, or the link stopped

@@ -3,9 +3,11 @@
 #include <fcntl.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <ctime>
@@ -161,8 +163,24 @@ bool BusyBoard::wait_idle(uint32_t slot, std::chrono::steady_clock::time_point d
 
 // ---------------------------------------------------------------- RegionTableView
 
+namespace {
+
+// The size of the board memfd a target sent: at least its counters (the memfd is sealed against
+// shrinking, so the mapping cannot lose pages under us).
+size_t board_bytes(int busy_fd) {
+  struct stat st{};
+  if (::fstat(busy_fd, &st) != 0 || static_cast<size_t>(st.st_size) < BusyBoard::counter_bytes()) {
+    ::close(busy_fd);
+    fail(ErrorCode::kProtocol, "cma: the target's busy board is smaller than its counters "
+                               "(another kvtransfer version?); use the same kvtransfer version on both sides");
+  }
+  return std::min(static_cast<size_t>(st.st_size), BusyBoard::bytes());
+}
+
+}  // namespace
+
 RegionTableView::RegionTableView(int table_fd, int busy_fd)
-    : table_(table_fd, RegionTable::bytes(), false), busy_(busy_fd, BusyBoard::bytes(), true) {
+    : table_(table_fd, RegionTable::bytes(), false), busy_(busy_fd, board_bytes(busy_fd), true) {
   if (load(header().magic) != kTableMagic || header().capacity != kTableCapacity) {
     fail(ErrorCode::kProtocol,
          "cma: the target's region table has an unknown layout (another kvtransfer version?); "
@@ -176,6 +194,10 @@ const TableHeader& RegionTableView::header() const {
 
 const TableEntry& RegionTableView::entry(uint32_t slot) const {
   return reinterpret_cast<const TableEntry*>(table_.data() + sizeof(TableHeader))[slot];
+}
+
+char* RegionTableView::ring_area() const {
+  return busy_.size() >= BusyBoard::bytes() ? busy_.data() + BusyBoard::counter_bytes() : nullptr;
 }
 
 uint32_t* RegionTableView::busy(uint32_t slot) const {

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "core/region_registry.h"
+#include "transport/cma/cma_arrival_ring.h"
 
 namespace kvt::cma {
 
@@ -90,12 +91,15 @@ class RegionTable {
   std::vector<bool> live_;
 };
 
-// One session's in-flight counters, one 32-bit word per table slot (a futex word).
+// One session's in-flight counters, one 32-bit word per table slot (a futex word), followed by
+// its arrival ring (cma_arrival_ring.h).
 class BusyBoard {
  public:
   BusyBoard() : shm_(SharedMapping::create("kvtransfer-cma-busy", bytes())) {}
   int fd() const { return shm_.fd(); }
-  static size_t bytes() { return kTableCapacity * sizeof(uint32_t); }
+  static size_t counter_bytes() { return kTableCapacity * sizeof(uint32_t); }
+  static size_t bytes() { return counter_bytes() + ArrivalRing::bytes(); }
+  char* ring_area() const { return shm_.data() + counter_bytes(); }
   // Blocks (futex, in slices) until no access to `slot` is under way, or `gone` is set (the
   // session ended), or the deadline passes: false then.
   bool wait_idle(uint32_t slot, std::chrono::steady_clock::time_point deadline,
@@ -123,6 +127,8 @@ class RegionTableView {
   // more, Protocol for a wrong key, a missing permission or bounds beyond the region.
   Grant acquire(const RemoteRegion& remote, bool write, uint64_t extent);
   void release(const Grant& g);
+  // The session's arrival ring, or null when the target's board has none (an older target).
+  char* ring_area() const;
 
  private:
   const TableEntry& entry(uint32_t slot) const;

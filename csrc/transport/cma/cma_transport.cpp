@@ -251,6 +251,7 @@ void CmaTransport::serve(std::shared_ptr<Session> s) {
       }
       s->peer = it->second;
       s->board = std::make_unique<BusyBoard>();
+      s->ring = std::make_unique<ArrivalRing>(s->board->ring_area());
     }
     send_msg(s->sock, MsgType::kWelcome, 0, 0, "", {table_.fd(), s->board->fd()});
     set_recv_timeout(s->sock, 0);
@@ -281,6 +282,7 @@ void CmaTransport::serve_records(Session& s) {
     {
       std::lock_guard<std::mutex> lock(s.io.mu);
       if (s.failure) throw *s.failure;  // met by a spinning waiter; reported from here
+      take_arrivals(s);  // left in the ring as a waiter stopped polling, or rung for
       Received got = recv_msg_now(s.sock, m);
       // End of file: the initiator closed the session (its control connection reports why).
       if (got == Received::kEnd) return;
@@ -299,6 +301,8 @@ void CmaTransport::handle_record(Session& s, Msg& m) {
   if (m.type == MsgType::kArrived) {
     if (!m.text.empty()) ctx_.sink.on_begin(s.peer, m.text);
     ctx_.sink.on_arrival(s.peer, m.slot, m.arg);
+  } else if (m.type == MsgType::kDoorbell) {
+    take_arrivals(s);
   } else if (m.type == MsgType::kBegin) {
     ctx_.sink.on_begin(s.peer, m.text);
   } else if (m.type == MsgType::kRefused) {
@@ -316,16 +320,62 @@ void CmaTransport::handle_record(Session& s, Msg& m) {
   }
 }
 
+bool CmaTransport::take_arrivals(Session& s) {
+  bool took = false;
+  Arrival a;
+  while (s.ring && s.ring->pop(a)) {
+    if (!a.text.empty()) ctx_.sink.on_begin(s.peer, a.text);
+    ctx_.sink.on_arrival(s.peer, a.slot, a.units);
+    took = true;
+  }
+  return took;
+}
+
+// Under mu_, as the spinner count changes: the flags say whether any waiter spins (a spin's end
+// runs late, on the hand-off thread, often after the next spin began).
+void CmaTransport::set_polled(bool on) {
+  for (auto& [_, s] : sessions_) {
+    if (s->ring) s->ring->set_polled(on);
+  }
+}
+
 bool CmaTransport::spin_begin() {
   std::vector<SpinReaders::Reader*> readers;
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& [_, s] : sessions_) readers.push_back(&s->io);
   spin_.begin(readers);
+  set_polled(true);
   return true;
 }
 
-// Records are whole messages (SEQPACKET), so a spinning waiter reads every queued one; an error
-// or the end of the session goes back to the session's thread, which ends it as usual.
+// The last spinner lowers the flags, then takes what initiators put in the rings while the
+// flags were up: nobody polls for those any more, and no doorbell announced them.
+void CmaTransport::spin_end() {
+  std::vector<std::shared_ptr<Session>> sessions;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    spin_.end([&] {
+      set_polled(false);
+      for (auto& [_, s] : sessions_) {
+        if (s->serving.load(std::memory_order_acquire)) sessions.push_back(s);
+      }
+    });
+  }
+  for (auto& s : sessions) {
+    std::lock_guard<std::mutex> lock(s->io.mu);
+    if (s->failure) continue;
+    try {
+      take_arrivals(*s);
+    } catch (const Error& e) {
+      s->failure = e;
+      spin_.hand_back(s->io);
+    }
+  }
+}
+
+// A spinning waiter takes what the arrival rings hold, then every record queued on the sockets
+// (whole messages: SEQPACKET); an error or the end of the session goes back to the session's
+// thread, which ends it as usual.
 bool CmaTransport::poll_inbound() {
   std::vector<std::shared_ptr<Session>> sessions;
   {
@@ -341,6 +391,7 @@ bool CmaTransport::poll_inbound() {
     std::unique_lock<std::mutex> lock(s->io.mu, std::try_to_lock);
     if (!lock.owns_lock() || s->failure || s->io.handoff.load()) continue;
     try {
+      if (take_arrivals(*s)) handled = true;
       Received got;
       while ((got = recv_msg_now(s->sock, m)) == Received::kRecord) {
         handle_record(*s, m);

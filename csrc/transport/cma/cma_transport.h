@@ -38,7 +38,7 @@ class CmaTransport : public Transport {
   void shutdown() override;
   bool spin_begin() override;
   bool poll_inbound() override;
-  void spin_end() override { spin_.end(); }
+  void spin_end() override;
 
  private:
   // One initiator's session with us: its socket and the busy board it marks accesses on.
@@ -48,6 +48,7 @@ class CmaTransport : public Transport {
     SpinReaders::Reader io;  // io.mu: one reader at a time, its thread or a spinning waiter
     uint64_t peer = 0;
     std::unique_ptr<BusyBoard> board;
+    std::unique_ptr<ArrivalRing> ring;  // in the board; read under io.mu
     std::atomic<bool> serving{false};  // past its hello: records may be read by any thread
     std::atomic<bool> gone{false};  // the initiator closed its end: it copies nothing more
     std::optional<Error> failure;   // under io.mu: what a spinning waiter met, for its thread
@@ -56,6 +57,8 @@ class CmaTransport : public Transport {
   void serve(std::shared_ptr<Session> s);
   void serve_records(Session& s);
   void handle_record(Session& s, Msg& m);
+  bool take_arrivals(Session& s);  // under s.io.mu
+  void set_polled(bool on);
   // Waits until no live session accesses `slot`; false (naming who) when the deadline passes.
   bool drain(uint32_t slot, double timeout_s, std::string& holder);
 
