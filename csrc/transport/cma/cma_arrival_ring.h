@@ -11,8 +11,7 @@
 // The target says in `polled` whether a waiter polls the ring; records are sent on the socket
 // otherwise, and a record put in the ring while `polled` turned 0 is followed by a doorbell:
 //   initiator: polled? -> write record; tail = t + 1; polled still? no -> doorbell record
-//   target, when a waiter stops: polled = 0; the session's thread drains the ring before it
-//   sleeps on the socket.
+//   target, as its last spinning waiter stops: polled = 0; then it takes what the ring holds
 // Both sides order their store before their load (sequentially consistent), so either the
 // initiator sees polled == 0 and rings, or the target's drain finds the record.
 //

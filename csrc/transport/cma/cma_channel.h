@@ -2,8 +2,7 @@
 // (so it is reachable only from the same network namespace), carrying small records - the
 // session hello, the welcome with the region table's and busy board's memfds (SCM_RIGHTS),
 // then "units of transfer S landed" (unless the arrival ring carries them) and refusals from
-// initiator to target. Its end of file is
-// how each side learns the other is gone.
+// initiator to target. Its end of file is how each side learns the other is gone.
 #pragma once
 
 #include <cstdint>

@@ -176,8 +176,11 @@ constexpr uint64_t kWaiterFrameBytes = 256u << 10;
 // A frame partly queued for longer than this is left to the connection's thread.
 constexpr auto kWaiterPartialWait = std::chrono::microseconds(200);
 // A waiter's first peek: a BEGIN with a short notification and a small write's head. Longer
-// heads (up to a BEGIN and a write head, ~8 KiB) are peeked again at their length.
+// heads (up to a BEGIN and a write head, ~8 KiB) are peeked again at their length, up to the
+// most one call takes: a run of BEGIN frames is taken in several calls, not re-peeked ever
+// further (each peek copies from the start).
 constexpr size_t kFirstPeekBytes = 1024;
+constexpr size_t kMaxPeekBytes = 16u << 10;
 }  // namespace
 
 // Takes the frames queued on `conn` that a spinning waiter may read without blocking, in two
@@ -202,7 +205,7 @@ TcpTransport::Queued TcpTransport::take_queued(Inbound& conn) {
   // Whether [0, end) is queued; peeks again, further, when the first peek was too short.
   auto have = [&](size_t end) {
     if (end <= got) return true;
-    if (got < asked) return false;  // everything queued was peeked
+    if (got < asked || end > kMaxPeekBytes) return false;  // all queued was peeked, or enough
     peek(end);
     return end <= got;
   };
