@@ -383,8 +383,6 @@ void kv_file_seeds() {
 }
 #endif
 
-}  // namespace
-
 void arrival_ring_seeds() {
   // The ring's memory as an initiator leaves it (ArrivalRing::push).
   const std::string h = "arrival_ring";
@@ -402,6 +400,8 @@ void arrival_ring_seeds() {
   beyond[0] = '\x7f';  // tail far beyond the ring
   put(h, "tail_beyond_the_ring", beyond);
 }
+
+}  // namespace
 
 int main(int argc, char** argv) {
   if (argc != 2) {
