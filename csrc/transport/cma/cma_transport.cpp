@@ -299,8 +299,7 @@ void CmaTransport::serve_records(Session& s) {
 void CmaTransport::handle_record(Session& s, Msg& m) {
   for (int fd : m.fds) ::close(fd);
   if (m.type == MsgType::kArrived) {
-    if (!m.text.empty()) ctx_.sink.on_begin(s.peer, m.text);
-    ctx_.sink.on_arrival(s.peer, m.slot, m.arg);
+    arrived(s, m.slot, m.arg, m.text);
   } else if (m.type == MsgType::kDoorbell) {
     take_arrivals(s);
   } else if (m.type == MsgType::kBegin) {
@@ -320,12 +319,17 @@ void CmaTransport::handle_record(Session& s, Msg& m) {
   }
 }
 
+// "Units of transfer `slot` landed", from the socket or the ring; a carried BEGIN goes first.
+void CmaTransport::arrived(Session& s, uint64_t slot, uint32_t units, const std::string& begin) {
+  if (!begin.empty()) ctx_.sink.on_begin(s.peer, begin);
+  ctx_.sink.on_arrival(s.peer, slot, units);
+}
+
 bool CmaTransport::take_arrivals(Session& s) {
   bool took = false;
   Arrival a;
   while (s.ring && s.ring->pop(a)) {
-    if (!a.text.empty()) ctx_.sink.on_begin(s.peer, a.text);
-    ctx_.sink.on_arrival(s.peer, a.slot, a.units);
+    arrived(s, a.slot, a.units, a.text);
     took = true;
   }
   return took;

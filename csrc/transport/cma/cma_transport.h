@@ -57,6 +57,7 @@ class CmaTransport : public Transport {
   void serve(std::shared_ptr<Session> s);
   void serve_records(Session& s);
   void handle_record(Session& s, Msg& m);
+  void arrived(Session& s, uint64_t slot, uint32_t units, const std::string& begin);
   bool take_arrivals(Session& s);  // under s.io.mu
   void set_polled(bool on);
   // Waits until no live session accesses `slot`; false (naming who) when the deadline passes.

@@ -16,6 +16,19 @@ namespace {
 
 constexpr double kHelloTimeoutS = 5.0;
 
+// A BEGIN frame's shape: no segments, its crc32c announced, a body within the limit.
+bool begin_shaped(const wire::DataHeader& h) {
+  return h.nseg == 0 && (h.flags & wire::kFlagPayloadCrc) && h.payload <= wire::kMaxBeginBytes;
+}
+
+// Throws ProtocolError unless the crc32c that follows a BEGIN frame's body matches it.
+void check_begin_crc(const wire::DataHeader& h, const uint8_t* body) {
+  if (wire::get_u32_le(body + h.payload) != wire::crc32c(body, h.payload)) {
+    fail(ErrorCode::kProtocol, "begin frame of transfer " + std::to_string(h.slot) +
+                                   " fails its crc32c: corrupted in flight");
+  }
+}
+
 void set_recv_timeout(const net::Socket& s, double seconds) {
   struct timeval tv{};
   tv.tv_sec = static_cast<time_t>(seconds);
@@ -222,17 +235,13 @@ TcpTransport::Queued TcpTransport::take_queued(Inbound& conn) {
       break;
     }
     const uint8_t* head = buf.data() + off;
-    if (h.type == wire::DataType::kBegin && h.nseg == 0 && (h.flags & wire::kFlagPayloadCrc) &&
-        h.payload <= wire::kMaxBeginBytes) {
+    if (h.type == wire::DataType::kBegin && begin_shaped(h)) {
       const size_t end = off + wire::kDataHeaderSize + h.payload + 4;
       if (!have(end)) break;
       head = buf.data() + off;  // a further peek may have moved the buffer
       wire::verify_data_crc(head, nullptr, 0);
       const uint8_t* body = head + wire::kDataHeaderSize;
-      if (wire::get_u32_le(body + h.payload) != wire::crc32c(body, h.payload)) {
-        fail(ErrorCode::kProtocol, "begin frame of transfer " + std::to_string(h.slot) +
-                                       " fails its crc32c: corrupted in flight");
-      }
+      check_begin_crc(h, body);
       ctx_.sink.on_begin(conn.peer, std::string(reinterpret_cast<const char*>(body), h.payload));
       off = end;
     } else if (h.type == wire::DataType::kWrite && h.nseg <= kMaxSegsPerFrame &&
@@ -341,18 +350,14 @@ void TcpTransport::serve_frame(Inbound& conn, bool wait) {
   wire::verify_data_crc(header, descs.data(), h.nseg);
 
   if (h.type == wire::DataType::kBegin) {
-    if (h.nseg != 0 || !(h.flags & wire::kFlagPayloadCrc) || h.payload > wire::kMaxBeginBytes) {
+    if (!begin_shaped(h)) {
       fail(ErrorCode::kProtocol, "begin frame of " + std::to_string(h.payload) +
                                      " bytes, with segments or without its crc32c");
     }
     std::string body(h.payload + 4, '\0');  // the body and its crc32c, in one receive
     conn.sock.recv_all(body.data(), body.size(), what);
-    const uint32_t sent = wire::get_u32_le(reinterpret_cast<const uint8_t*>(body.data()) + h.payload);
+    check_begin_crc(h, reinterpret_cast<const uint8_t*>(body.data()));
     body.resize(h.payload);
-    if (sent != wire::crc32c(body.data(), body.size())) {
-      fail(ErrorCode::kProtocol, "begin frame of transfer " + std::to_string(h.slot) +
-                                     " fails its crc32c: corrupted in flight");
-    }
     ctx_.sink.on_begin(conn.peer, body);
   } else if (h.type == wire::DataType::kWrite) {
     start_landing(conn, h);
