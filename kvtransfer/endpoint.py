@@ -273,10 +273,11 @@ class Endpoint:
     def wait_notification(self, payload: bytes, timeout: float = DEFAULT_TIMEOUT,
                           spin: float = 0.0) -> Notification:
         """Waits for the notification ``payload``; raises TransportError if its transfer failed
-        and kvtransfer.TimeoutError if none arrives in time. ``spin`` > 0 polls for up to that
-        many seconds before sleeping, and on TCP reads arriving frames on this thread: lower
-        latency for small transfers (no sleeping thread to wake), paid for with a busy core
-        while it polls; the default never spins (docs/transports.md, "Spinning waiters")."""
+        and kvtransfer.TimeoutError if none arrives in time. On TCP and cma this thread reads
+        what arrives itself, asleep in poll() on the connections, so a small transfer wakes it
+        alone. ``spin`` > 0 polls for up to that many seconds first instead: lower latency
+        still (nothing to wake), paid for with a busy core while it polls; the default never
+        spins (docs/transports.md, "Waiters that read")."""
         if spin < 0:
             raise InvalidRequestError(f"spin must be >= 0 seconds, got {spin}")
         peer, data, _ = self._core.wait_notification(bytes(payload), float(timeout), float(spin))
@@ -284,7 +285,8 @@ class Endpoint:
 
     def notifications(self, timeout: float = 0.0) -> list[Notification]:
         """Notifications (and failure events, with ``error`` set) that arrived, each returned
-        once. With ``timeout`` > 0, first waits up to that long for at least one."""
+        once. With ``timeout`` > 0, first waits up to that long for at least one, reading what
+        arrives as wait_notification does."""
         return [Notification(p, d, e) for p, d, e in self._core.notifications(float(timeout))]
 
     def errors(self) -> list[KVTransferError]:

@@ -172,13 +172,18 @@ def test_a_busy_prefill_side_waits_for_its_next_command_on_the_cpu_and_an_idle_o
         assert spent > 0.15 if busy else spent < 0.05, (busy, spent)
 
 
-def test_the_busy_prefill_latency_row_is_measured_and_labelled_apart(tmp_path):
+def test_the_latency_rows_are_measured_and_labelled_apart(tmp_path):
     out = tmp_path / "lat.jsonl"
-    assert main(["--workloads", "latency,latency-busy", "--no-progress", "--json", str(out)]) == 0
-    idle, busy = (json.loads(line) for line in out.read_text().splitlines())
-    assert (idle["workload"], idle["initiator_busy"]) == ("latency-64KiB", False)
-    assert (busy["workload"], busy["initiator_busy"]) == ("latency-64KiB-busy-prefill", True)
-    for rec in (idle, busy):
+    assert main(["--workloads", "latency,latency-busy,latency-sleeping", "--no-progress",
+                 "--json", str(out)]) == 0
+    idle, busy, sleeping = (json.loads(line) for line in out.read_text().splitlines())
+    assert (idle["workload"], idle["initiator_busy"], idle["busy_poll"]) == (
+        "latency-64KiB", False, True)
+    assert (busy["workload"], busy["initiator_busy"], busy["busy_poll"]) == (
+        "latency-64KiB-busy-prefill", True, True)
+    assert (sleeping["workload"], sleeping["initiator_busy"], sleeping["busy_poll"]) == (
+        "latency-64KiB-sleeping-decode", False, False)
+    for rec in (idle, busy, sleeping):
         assert rec["verified"] is True and rec["reps"] == 200 and rec["latency_us_p50"] > 0
 
 

@@ -1,5 +1,5 @@
-// A thread that runs work handed off by a latency-critical thread: a spinning waiter that found
-// its notification leaves what it still owes (acknowledgements to send, the transport's threads
+// A thread that runs work handed off by a latency-critical thread: a waiter that read inbound
+// data and found its notification leaves what it still owes (acknowledgements to send, the transport's threads
 // to wake) here and returns at once. Jobs run in order; after stop() a job runs on the caller.
 #pragma once
 
@@ -41,6 +41,20 @@ class HandoffThread {
       linger_until_ = std::chrono::steady_clock::now() + kLinger;
       if (!stopped_) {
         jobs_.push_back(std::move(job));  // its own watch() keeps the thread looking
+        return;
+      }
+    }
+    job();
+  }
+
+  // Hands `job` off, waking the thread if it sleeps (a sleeping waiter never watch()ed: the
+  // thread's polling would cost an idle host a wake-up every kPoll).
+  void post(std::function<void()> job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!stopped_) {
+        jobs_.push_back(std::move(job));
+        if (sleeping_) cv_.notify_one();
         return;
       }
     }

@@ -387,7 +387,7 @@ void Endpoint::settle(const InboundOutcome& o) {
   auto peer = find_peer(o.peer);
   if (!peer || peer->dead) return;
   OwedAck ack{peer, wire::Ack{o.slot, o.ok ? 0u : static_cast<uint32_t>(o.code), o.error}};
-  if (owed_acks_) {  // a spinning waiter settled it: see wait_notification
+  if (owed_acks_) {  // a reading waiter settled it: see WaitingReader
     owed_acks_->push_back(std::move(ack));
     return;
   }
@@ -594,42 +594,73 @@ void Endpoint::finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code,
 
 // ---------------------------------------------------------------- notifications
 
-Notification Endpoint::wait_notification(const std::string& payload, double timeout_s,
-                                         double spin_s) {
-  if (spin_s <= 0) return notifications_.wait_for(payload, timeout_s);
-  // While it spins, this thread reads inbound data itself (Transport::poll_inbound). What that
-  // settles owes the initiator an ACK: sent on the next turn while still waiting, or, once the
-  // spin is over, by handoff_, so that a waiter that found its notification returns at once.
-  bool started = false, spinning = false;  // spinning: the transport takes part until spin_end
-  std::vector<OwedAck> acks;
-  auto progress = [&] {
-    if (!started) {
-      started = true;
-      spinning = transport_->spin_begin();
-      if (spinning) handoff_.watch();
+// A waiting thread's reading of inbound data (Transport::reader_begin ... reader_end), from its
+// first poll, which the queue makes only when it has not found its notification already. What
+// it settles owes the initiator an ACK: sent on its next turn while it still waits, or once it
+// is done, by handoff_, so that a waiter that found its notification returns at once.
+class Endpoint::WaitingReader : public WaitActivity {
+ public:
+  WaitingReader(Endpoint& ep, bool sleeps) : ep_(ep), sleeps_(sleeps) {}
+
+  bool progress() override {
+    if (!started_) {
+      started_ = true;
+      reading_ = ep_.transport_->reader_begin(sleeps_);
+      // A spinner's end is handed off without a wake-up (HandoffThread::watch); a sleeper's,
+      // which may sleep for seconds, with one.
+      if (reading_ && !sleeps_) ep_.handoff_.watch();
     }
-    if (!spinning) return false;
-    send_acks(acks);
+    if (!reading_) return false;
+    ep_.send_acks(acks_);
     struct Owed {
       explicit Owed(std::vector<OwedAck>* a) { owed_acks_ = a; }
       ~Owed() { owed_acks_ = nullptr; }
-    } owed(&acks);
-    bool handled = transport_->poll_inbound();
-    if (handled) stats_.spin_reads++;
+    } owed(&acks_);
+    bool handled = ep_.transport_->poll_inbound();
+    if (handled) (sleeps_ ? ep_.stats_.sleep_reads : ep_.stats_.spin_reads)++;
     return handled;
-  };
-  auto spin_over = [&] {
-    if (spinning) end_spin(std::move(acks));
-    spinning = false;
-  };
-  return notifications_.wait_for(payload, timeout_s, spin_s, progress, spin_over);
+  }
+
+  bool sleep(int wake_fd, int timeout_ms) override {
+    stepped_aside_ = !reading_ || !ep_.transport_->sleep_inbound(wake_fd, timeout_ms);
+    return !stepped_aside_;
+  }
+
+  void over() override {
+    if (!reading_) return;
+    reading_ = false;
+    auto end = [&ep = ep_, sleeps = sleeps_, acks = std::move(acks_)]() mutable {
+      ep.send_acks(acks);
+      ep.transport_->reader_end(sleeps);
+    };
+    if (stepped_aside_) {
+      // Bulk traffic: the parked connection threads must read it now, not whenever the
+      // lowest-priority helper gets a busy core; and this thread is only going to sleep.
+      end();
+    } else if (sleeps_) {
+      ep_.handoff_.post(std::move(end));
+    } else {
+      ep_.handoff_.post_quietly(std::move(end));
+    }
+  }
+
+ private:
+  Endpoint& ep_;
+  const bool sleeps_;
+  bool started_ = false, reading_ = false, stepped_aside_ = false;
+  std::vector<OwedAck> acks_;
+};
+
+Notification Endpoint::wait_notification(const std::string& payload, double timeout_s,
+                                         double spin_s) {
+  WaitingReader reader(*this, spin_s <= 0);
+  return notifications_.wait_for(payload, timeout_s, spin_s, &reader);
 }
 
-void Endpoint::end_spin(std::vector<OwedAck> acks) {
-  handoff_.post_quietly([this, acks = std::move(acks)]() mutable {
-    send_acks(acks);
-    transport_->spin_end();
-  });
+std::vector<Notification> Endpoint::notifications(double timeout_s) {
+  if (timeout_s <= 0) return notifications_.drain();
+  WaitingReader reader(*this, true);
+  return notifications_.wait_any(timeout_s, &reader);
 }
 
 // ---------------------------------------------------------------- transport upcalls

@@ -74,9 +74,7 @@ class Endpoint : public TransportSink {
                                       const TransferOptions& opts);
 
   Notification wait_notification(const std::string& payload, double timeout_s, double spin_s = 0.0);
-  std::vector<Notification> notifications(double timeout_s) {
-    return timeout_s > 0 ? notifications_.wait_any(timeout_s) : notifications_.drain();
-  }
+  std::vector<Notification> notifications(double timeout_s);
   // Fails inbound transfers whose notification starts with `prefix` and refuses new ones for
   // a while; on TCP their bytes still in flight are discarded instead of landing.
   void refuse_inbound(const std::string& prefix, const std::string& reason);
@@ -114,12 +112,12 @@ class Endpoint : public TransportSink {
     std::shared_ptr<PeerConn> peer;
     wire::Ack ack;
   };
-  // Set while a spinning waiter reads inbound data (wait_notification): the ACKs that what it
+  // Set while a waiting thread reads inbound data (WaitingReader): the ACKs that what it
   // settles owes are collected there instead of sent.
   static thread_local std::vector<OwedAck>* owed_acks_;
   void send_ack(const OwedAck& ack);
   void send_acks(std::vector<OwedAck>& acks);
-  void end_spin(std::vector<OwedAck> acks);
+  class WaitingReader;
   void finish_transfer(uint64_t slot, TransferStatus s, ErrorCode code, const std::string& error);
   void peer_failed(uint64_t peer, const Error& error);
   void record_error(const Error& e);
@@ -156,7 +154,7 @@ class Endpoint : public TransportSink {
   std::atomic<bool> closing_{false};
   std::thread watchdog_;
   ThreadSet threads_;
-  HandoffThread handoff_;  // finishes a spinning waiter's work after it has returned
+  HandoffThread handoff_;  // finishes a reading waiter's work after it has returned
 };
 
 // One connection to another endpoint: its control channel, and for peers we connected to, the

@@ -16,6 +16,7 @@ struct StatsSnapshot {
   uint64_t inbound_done = 0, inbound_failed = 0;
   uint64_t errors = 0, peers = 0;
   uint64_t spin_reads = 0;  // inbound data read by a spinning waiter, not a transport thread
+  uint64_t sleep_reads = 0;  // ... by a waiter that sleeps in the transport between reads
   double latency_p50_s = 0, latency_p99_s = 0;
   uint64_t latency_samples = 0;
 };
@@ -25,7 +26,7 @@ class EndpointStats {
   std::atomic<uint64_t> bytes_written{0}, bytes_read{0}, bytes_received{0};
   std::atomic<uint64_t> transfers_done{0}, transfers_failed{0};
   std::atomic<uint64_t> inbound_done{0}, inbound_failed{0}, errors{0}, peers{0};
-  std::atomic<uint64_t> spin_reads{0};
+  std::atomic<uint64_t> spin_reads{0}, sleep_reads{0};
 
   void add_latency(double s) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -43,6 +44,7 @@ class EndpointStats {
     s.inbound_done = inbound_done; s.inbound_failed = inbound_failed;
     s.errors = errors; s.peers = peers;
     s.spin_reads = spin_reads;
+    s.sleep_reads = sleep_reads;
     std::vector<double> w;
     {
       std::lock_guard<std::mutex> lock(mu_);

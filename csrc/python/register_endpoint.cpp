@@ -40,6 +40,7 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["errors"] = s.errors;
   d["peers"] = s.peers;
   d["spin_reads"] = s.spin_reads;
+  d["sleep_reads"] = s.sleep_reads;
   d["latency_p50_s"] = s.latency_p50_s;
   d["latency_p99_s"] = s.latency_p99_s;
   d["latency_samples"] = s.latency_samples;

@@ -122,13 +122,18 @@ class Transport {
   virtual std::unique_ptr<DataLink> connect(uint64_t peer, const std::string& remote_address,
                                             uint64_t token) = 0;
   virtual void shutdown() = 0;
-  // Target: a thread spins waiting for a notification (wait_notification with spin). A
-  // transport whose spin_begin() returns true lets that thread read inbound units until
-  // spin_end(): poll_inbound() handles units already queued, never blocks, and says whether it
-  // handled any. A message then wakes no sleeping transport thread (on a VM, an idle vCPU).
-  virtual bool spin_begin() { return false; }
+  // Target: a thread that waits for a notification reads inbound units itself meanwhile
+  // (wait_notification, notifications), so that a message wakes no transport thread (on a VM,
+  // an idle vCPU) on its way to the waiter. A transport whose reader_begin() returns true lets
+  // that thread read until reader_end(): poll_inbound() handles units already queued, never
+  // blocks, and says whether it handled any. A spinning reader calls it in a loop; a sleeping
+  // one (`sleeps`) calls sleep_inbound() between calls, which blocks until a connection may
+  // have bytes for it, `wake_fd` is readable or `timeout_ms` passes, and returns false when the
+  // reader should step aside (bulk traffic, which the transport's threads read in parallel).
+  virtual bool reader_begin(bool /*sleeps*/) { return false; }
   virtual bool poll_inbound() { return false; }
-  virtual void spin_end() {}
+  virtual bool sleep_inbound(int /*wake_fd*/, int /*timeout_ms*/) { return false; }
+  virtual void reader_end(bool /*sleeps*/) {}
 };
 
 // Name -> factory, so nothing above this layer names a transport.

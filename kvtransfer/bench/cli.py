@@ -27,11 +27,14 @@ Dimensions (every combination given is run):
   --netns       prefill and decode in two network namespaces made (and removed) by the bench,
                 joined by a veth pair (needs root and iproute2). This separates the network
                 only: same-host paths (CMA, shared memory) still work between them.
-Latency workloads (one 64 KiB write, 200 reps, both sides spinning on completion):
+Latency workloads (one 64 KiB write, 200 reps, both sides spinning on completion unless said):
   latency       the prefill process sleeps between reps, so every write is posted from a CPU
                 that was idle (cold caches; on a VM the vCPU may have been descheduled).
   latency-busy  the prefill process polls for its next command instead, so it posts from a
                 busy CPU, as a prefill worker does right after its forward pass.
+  latency-sleeping  as latency, but the decode side sleeps until notified instead of spinning
+                (kvtransfer: wait_notification without spin, as KVReceiver waits; the peers,
+                which have no blocking wait, poll every 100 us).
 A peer that cannot run a combination shows "n/a (why)". Any transport this build registers
 (kvtransfer.transports.available()) is accepted by --transport; fabric takes :provider.
 """

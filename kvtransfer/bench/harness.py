@@ -125,12 +125,18 @@ class Workload:
         return 30.0 + self.total_bytes / 20e6
 
 
-def latency_workload(reps: int = 200, initiator_busy: bool = False) -> Workload:
-    """One 64 KiB write -> target notified, repeated; spins on completion on both sides."""
+def latency_workload(reps: int = 200, initiator_busy: bool = False,
+                     decode_sleeps: bool = False) -> Workload:
+    """One 64 KiB write -> target notified, repeated; spins on completion on both sides, or
+    (``decode_sleeps``) sleeps until notified, as a serving framework's receiver does."""
+    name = "latency-64KiB"
+    if initiator_busy:
+        name += "-busy-prefill"
+    if decode_sleeps:
+        name += "-sleeping-decode"
     return Workload(
-        65536, 1, "sequential", reps=reps, warmup=20, busy_poll=True,
-        initiator_busy=initiator_busy,
-        name="latency-64KiB-busy-prefill" if initiator_busy else "latency-64KiB",
+        65536, 1, "sequential", reps=reps, warmup=20, busy_poll=not decode_sleeps,
+        initiator_busy=initiator_busy, name=name,
     )
 
 
@@ -140,8 +146,10 @@ STANDARD_WORKLOADS: dict[str, Workload] = {
     "4KiBx16384": Workload(4 << 10, 16384, "random", name="4KiBx16384-random"),
     "latency": latency_workload(),
     "latency-busy": latency_workload(initiator_busy=True),
+    "latency-sleeping": latency_workload(decode_sleeps=True),
 }
-LATENCY_WORKLOADS = ("latency", "latency-busy")  # their reps are their own, not --reps
+# Their reps are their own, not --reps.
+LATENCY_WORKLOADS = ("latency", "latency-busy", "latency-sleeping")
 
 
 def block_permutation(workload: Workload) -> np.ndarray:
@@ -294,6 +302,7 @@ def summarize(
         "layer_delay_s": workload.layer_delay_s,
         "reps": len(reps),
         "initiator_busy": workload.initiator_busy,
+        "busy_poll": workload.busy_poll,
         "sweep": workload.sweep,
         "gbps_p50": statistics.median(gb / t for t in lat),
         "gbps_all": [gb / t for t in lat],

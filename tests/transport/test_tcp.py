@@ -1,6 +1,7 @@
 """TCP transport: a waiter that spins (wait_notification(spin=...)) reads queued frames itself
-instead of waking a transport thread. Whatever it meets, the outcome is the one a sleeping
-waiter gets: the same bytes, the same completions, the same errors."""
+instead of waking a transport thread. Whatever it meets, the outcome is the one a waiter that
+does not spin gets: the same bytes, the same completions, the same errors. (A waiter that
+sleeps reads too, between sleeps in poll(): tests/transport/test_waiter_readers.py.)"""
 
 from __future__ import annotations
 

@@ -255,7 +255,8 @@ void CmaTransport::serve(std::shared_ptr<Session> s) {
     }
     send_msg(s->sock, MsgType::kWelcome, 0, 0, "", {table_.fd(), s->board->fd()});
     set_recv_timeout(s->sock, 0);
-    s->serving.store(true, std::memory_order_release);
+    s->serving.store(true);
+    handover_.joined();
     serve_records(*s);
   } catch (const Error& e) {
     if (!stopping_.load()) ctx_.sink.on_link_failed(s->peer, e);
@@ -274,14 +275,14 @@ void CmaTransport::serve(std::shared_ptr<Session> s) {
   sessions_.erase(s.get());
 }
 
-// The session's own thread: sleeps until a record comes (SpinReaders::wait), then reads while
-// any are queued. A spinning waiter may have taken them first (poll_inbound).
+// The session's own thread: sleeps until a record comes (WaiterReaders::wait), then reads while
+// any are queued. A reading waiter may have taken them first (poll_inbound).
 void CmaTransport::serve_records(Session& s) {
   Msg m;
   while (!stopping_.load()) {
     {
       std::lock_guard<std::mutex> lock(s.io.mu);
-      if (s.failure) throw *s.failure;  // met by a spinning waiter; reported from here
+      if (s.failure) throw *s.failure;  // met by a reading waiter; reported from here
       take_arrivals(s);  // left in the ring as a waiter stopped polling, or rung for
       Received got = recv_msg_now(s.sock, m);
       // End of file: the initiator closed the session (its control connection reports why).
@@ -290,9 +291,9 @@ void CmaTransport::serve_records(Session& s) {
         handle_record(s, m);
         continue;
       }
-      s.io.handoff.store(false);  // drained: a spinning waiter may read it again
+      s.io.handoff.store(false);  // drained: a reading waiter may read it again
     }
-    spin_.wait(s.io, stopping_);
+    handover_.wait(s.io, stopping_);
   }
 }
 
@@ -335,35 +336,36 @@ bool CmaTransport::take_arrivals(Session& s) {
   return took;
 }
 
-// Under mu_, as the spinner count changes: the flags say whether any waiter spins (a spin's end
-// runs late, on the hand-off thread, often after the next spin began).
+// Under mu_, as the count of spinning readers changes: the flags say whether any waiter spins
+// (a spin's end runs late, on the hand-off thread, often after the next spin began). A
+// sleeping reader raises none: it must be woken by the socket.
 void CmaTransport::set_polled(bool on) {
   for (auto& [_, s] : sessions_) {
     if (s->ring) s->ring->set_polled(on);
   }
 }
 
-bool CmaTransport::spin_begin() {
-  std::vector<SpinReaders::Reader*> readers;
+bool CmaTransport::reader_begin(bool sleeps) {
+  std::vector<WaiterReaders::Reader*> readers;
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& [_, s] : sessions_) readers.push_back(&s->io);
-  spin_.begin(readers);
-  set_polled(true);
+  handover_.begin(readers, sleeps);
+  if (!sleeps && spinners_++ == 0) set_polled(true);
   return true;
 }
 
 // The last spinner lowers the flags, then takes what initiators put in the rings while the
 // flags were up: nobody polls for those any more, and no doorbell announced them.
-void CmaTransport::spin_end() {
+void CmaTransport::reader_end(bool sleeps) {
   std::vector<std::shared_ptr<Session>> sessions;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    spin_.end([&] {
+    if (!sleeps && --spinners_ == 0) {
       set_polled(false);
       for (auto& [_, s] : sessions_) {
         if (s->serving.load(std::memory_order_acquire)) sessions.push_back(s);
       }
-    });
+    }
   }
   for (auto& s : sessions) {
     std::lock_guard<std::mutex> lock(s->io.mu);
@@ -372,12 +374,30 @@ void CmaTransport::spin_end() {
       take_arrivals(*s);
     } catch (const Error& e) {
       s->failure = e;
-      spin_.hand_back(s->io);
+      handover_.hand_back(s->io);
     }
   }
+  handover_.end(sleeps);
 }
 
-// A spinning waiter takes what the arrival rings hold, then every record queued on the sockets
+// A session handed back is failing or ending: its thread reads it, and the waiter sleeps on its
+// notification queue.
+bool CmaTransport::sleep_inbound(int wake_fd, int timeout_ms) {
+  std::vector<struct pollfd> fds;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_.load()) return false;
+    for (auto& [_, s] : sessions_) {
+      if (!s->serving.load()) continue;  // see WaiterReaders::joined
+      if (s->io.handoff.load()) return false;
+      fds.push_back({s->sock.fd(), POLLIN, 0});
+    }
+  }
+  handover_.sleep(fds, wake_fd, timeout_ms);
+  return true;
+}
+
+// A reading waiter takes what the arrival rings hold, then every record queued on the sockets
 // (whole messages: SEQPACKET); an error or the end of the session goes back to the session's
 // thread, which ends it as usual.
 bool CmaTransport::poll_inbound() {
@@ -401,10 +421,10 @@ bool CmaTransport::poll_inbound() {
         handle_record(*s, m);
         handled = true;
       }
-      if (got == Received::kEnd) spin_.hand_back(s->io);
+      if (got == Received::kEnd) handover_.hand_back(s->io);
     } catch (const Error& e) {
       s->failure = e;
-      spin_.hand_back(s->io);
+      handover_.hand_back(s->io);
     }
   }
   return handled;
@@ -434,7 +454,7 @@ void CmaTransport::shutdown() {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [_, s] : sessions_) s->sock.shutdown_both();
   }
-  spin_.stop();
+  handover_.stop();
   threads_.join_all();
 }
 

@@ -17,7 +17,7 @@
 #include "net/socket.h"
 #include "transport/cma/cma_channel.h"
 #include "transport/cma/cma_region_table.h"
-#include "transport/spin_readers.h"
+#include "transport/waiter_readers.h"
 #include "transport/transport.h"
 
 namespace kvt::cma {
@@ -36,22 +36,23 @@ class CmaTransport : public Transport {
   std::unique_ptr<DataLink> connect(uint64_t peer, const std::string& remote_address,
                                     uint64_t token) override;
   void shutdown() override;
-  bool spin_begin() override;
+  bool reader_begin(bool sleeps) override;
   bool poll_inbound() override;
-  void spin_end() override;
+  bool sleep_inbound(int wake_fd, int timeout_ms) override;
+  void reader_end(bool sleeps) override;
 
  private:
   // One initiator's session with us: its socket and the busy board it marks accesses on.
   struct Session {
     explicit Session(int fd) : sock(fd), io(fd) {}
     net::Socket sock;
-    SpinReaders::Reader io;  // io.mu: one reader at a time, its thread or a spinning waiter
+    WaiterReaders::Reader io;  // io.mu: one reader at a time, its thread or a reading waiter
     uint64_t peer = 0;
     std::unique_ptr<BusyBoard> board;
     std::unique_ptr<ArrivalRing> ring;  // in the board; read under io.mu
     std::atomic<bool> serving{false};  // past its hello: records may be read by any thread
     std::atomic<bool> gone{false};  // the initiator closed its end: it copies nothing more
-    std::optional<Error> failure;   // under io.mu: what a spinning waiter met, for its thread
+    std::optional<Error> failure;   // under io.mu: what a reading waiter met, for its thread
   };
   void accept_loop();
   void serve(std::shared_ptr<Session> s);
@@ -67,12 +68,13 @@ class CmaTransport : public Transport {
   RegionTable table_;
   net::Socket listener_;
   std::string address_;
-  std::mutex mu_;  // table_, slots_, tokens_, sessions_
+  std::mutex mu_;  // table_, slots_, tokens_, sessions_, spinners_
+  int spinners_ = 0;  // reading waiters that spin (not sleeping ones): the rings are polled
   std::unordered_map<uint32_t, uint32_t> slots_;    // region id -> table slot
   std::unordered_map<uint64_t, uint64_t> tokens_;   // session token -> peer
   std::unordered_map<Session*, std::shared_ptr<Session>> sessions_;
   std::atomic<bool> stopping_{false};
-  SpinReaders spin_;
+  WaiterReaders handover_;
   ThreadSet threads_;
 };
 

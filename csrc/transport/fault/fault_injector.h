@@ -51,9 +51,12 @@ class FaultInjector : public Transport, public TransportSink {
   std::unique_ptr<DataLink> connect(uint64_t peer, const std::string& remote_address,
                                     uint64_t token) override;
   void shutdown() override { inner_->shutdown(); }
-  bool spin_begin() override { return inner_->spin_begin(); }
+  bool reader_begin(bool sleeps) override { return inner_->reader_begin(sleeps); }
   bool poll_inbound() override { return inner_->poll_inbound(); }
-  void spin_end() override { inner_->spin_end(); }
+  bool sleep_inbound(int wake_fd, int timeout_ms) override {
+    return inner_->sleep_inbound(wake_fd, timeout_ms);
+  }
+  void reader_end(bool sleeps) override { inner_->reader_end(sleeps); }
 
   // TransportSink
   void on_arrival(uint64_t peer, uint64_t slot, uint32_t units) override;

@@ -127,13 +127,14 @@ void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
       conn->peer = it->second;
     }
     set_recv_timeout(conn->sock, 0);
-    conn->serving.store(true, std::memory_order_release);
+    conn->serving.store(true);
+    handover_.joined();
     serve_frames(*conn);
   } catch (const Error& e) {
     if (!stopping_.load()) ctx_.sink.on_link_failed(conn->peer, e);
   }
   {
-    std::lock_guard<std::mutex> lock(conn->io.mu);  // a spinning waiter reads no more of it
+    std::lock_guard<std::mutex> lock(conn->io.mu);  // a reading waiter reads no more of it
     conn->ended = true;
     conn->landing.region.reset();  // a frame cut short no longer holds up deregistration
   }
@@ -141,14 +142,14 @@ void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
   inbound_.erase(conn.get());
 }
 
-// The connection's own thread: sleeps until bytes come (SpinReaders::wait), then reads frames
-// while any are queued. A spinning waiter may have taken them first, hence the peek.
+// The connection's own thread: sleeps until bytes come (WaiterReaders::wait), then reads frames
+// while any are queued. A reading waiter may have taken them first, hence the peek.
 void TcpTransport::serve_frames(Inbound& conn) {
   while (!stopping_.load()) {
     {
       std::lock_guard<std::mutex> lock(conn.io.mu);
       if (conn.ended) return;
-      if (conn.landing.active) {  // a spinning waiter started it
+      if (conn.landing.active) {  // a reading waiter started it
         land(conn, true);
         continue;
       }
@@ -165,24 +166,41 @@ void TcpTransport::serve_frames(Inbound& conn) {
         fail(ErrorCode::kTransport, "TCP data connection failed while waiting for a frame: " +
                                         std::string(std::strerror(errno)));
       }
-      conn.io.handoff.store(false);  // drained: a spinning waiter may read it again
+      conn.io.handoff.store(false);  // drained: a reading waiter may read it again
     }
-    spin_.wait(conn.io, stopping_);
+    handover_.wait(conn.io, stopping_);
   }
 }
 
-bool TcpTransport::spin_begin() {
-  std::vector<SpinReaders::Reader*> readers;
+bool TcpTransport::reader_begin(bool sleeps) {
+  std::vector<WaiterReaders::Reader*> readers;
   std::lock_guard<std::mutex> lock(mu_);
   for (auto& [_, c] : inbound_) readers.push_back(&c->io);
-  spin_.begin(readers);
+  handover_.begin(readers, sleeps);
   return true;
 }
 
-void TcpTransport::spin_end() { spin_.end(); }
+void TcpTransport::reader_end(bool sleeps) { handover_.end(sleeps); }
+
+// A connection handed back carries bulk traffic (or is failing): its thread reads it, and the
+// waiter sleeps on its notification queue rather than wake for every frame only to hand it on.
+bool TcpTransport::sleep_inbound(int wake_fd, int timeout_ms) {
+  std::vector<struct pollfd> fds;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping_.load()) return false;
+    for (auto& [_, c] : inbound_) {
+      if (!c->serving.load()) continue;  // see WaiterReaders::joined
+      if (c->io.handoff.load()) return false;
+      fds.push_back({c->sock.fd(), POLLIN, 0});
+    }
+  }
+  handover_.sleep(fds, wake_fd, timeout_ms);
+  return true;
+}
 
 namespace {
-// A spinning waiter reads frames up to this size; larger ones are bandwidth traffic that its
+// A reading waiter reads frames up to this size; larger ones are bandwidth traffic that its
 // connection's thread reads (they may not fit the receive queue whole, and a wake-up is cheap
 // next to them).
 constexpr uint64_t kWaiterFrameBytes = 256u << 10;
@@ -196,7 +214,7 @@ constexpr size_t kFirstPeekBytes = 1024;
 constexpr size_t kMaxPeekBytes = 16u << 10;
 }  // namespace
 
-// Takes the frames queued on `conn` that a spinning waiter may read without blocking, in two
+// Takes the frames queued on `conn` that a reading waiter may read without blocking, in two
 // system calls where a frame-by-frame read took nine for a small notified write: one peek
 // shows the frame heads queued (BEGIN frames, then a write's header and segments), checked
 // there; one recvmsg takes those heads and the write's payload, landing it in place as far as
@@ -314,7 +332,7 @@ bool TcpTransport::poll_inbound() {
           if (c->partial_since == std::chrono::steady_clock::time_point{}) c->partial_since = now;
           if (now - c->partial_since < kWaiterPartialWait) break;  // the rest is on its way
         }
-        if (q != Queued::kNothing) spin_.hand_back(c->io);
+        if (q != Queued::kNothing) handover_.hand_back(c->io);
         c->partial_since = {};
         break;
       }
@@ -322,7 +340,7 @@ bool TcpTransport::poll_inbound() {
       // Ended here, reported here: the connection's thread sees `ended` and leaves quietly.
       c->ended = true;
       c->sock.shutdown_both();
-      spin_.hand_back(c->io);
+      handover_.hand_back(c->io);
       if (!stopping_.load()) ctx_.sink.on_link_failed(c->peer, e);
     }
   }
@@ -416,7 +434,7 @@ void TcpTransport::start_landing(Inbound& conn, const wire::DataHeader& h) {
   l.first = 0;
   const bool crc = h.flags & wire::kFlagPayloadCrc;
   const bool accepted = ctx_.sink.accepts(conn.peer, h.slot);
-  // Held until the payload has landed: deregistration waits for it, even when a spinning waiter
+  // Held until the payload has landed: deregistration waits for it, even when a reading waiter
   // leaves the rest of the frame to the connection's thread.
   l.region = accepted ? ctx_.regions.find(h.region) : nullptr;
   if (!l.region) {
@@ -506,7 +524,7 @@ void TcpTransport::shutdown() {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [_, c] : inbound_) c->sock.shutdown_both();
   }
-  spin_.stop();
+  handover_.stop();
   threads_.join_all();
 }
 

@@ -2,8 +2,9 @@
 // kMaxFrameBytes / kMaxDescsPerFrame that are striped over them and sent with sendmsg straight
 // from registered memory. The target checks every frame's key and bounds before a byte lands,
 // then receives the payload with recvmsg straight into place. Threads block in the kernel.
-// While a waiter spins for a notification, the connection threads step away from their sockets
-// and the waiter reads whole queued frames itself (spin_begin / poll_inbound / spin_end).
+// While a waiter reads for a notification, the connection threads step away from their sockets
+// and the waiter reads whole queued frames itself (reader_begin / poll_inbound / sleep_inbound /
+// reader_end).
 #pragma once
 
 #include <atomic>
@@ -16,7 +17,7 @@
 
 #include "core/thread_set.h"
 #include "net/socket.h"
-#include "transport/spin_readers.h"
+#include "transport/waiter_readers.h"
 #include "transport/transport.h"
 #include "wire/data_frame.h"
 
@@ -39,22 +40,23 @@ class TcpTransport : public Transport {
   std::unique_ptr<DataLink> connect(uint64_t peer, const std::string& remote_address,
                                     uint64_t token) override;
   void shutdown() override;
-  bool spin_begin() override;
+  bool reader_begin(bool sleeps) override;
   bool poll_inbound() override;
-  void spin_end() override;
+  bool sleep_inbound(int wake_fd, int timeout_ms) override;
+  void reader_end(bool sleeps) override;
 
  private:
   struct Inbound {
     explicit Inbound(int fd) : sock(fd), io(fd) {}
     net::Socket sock;
-    SpinReaders::Reader io;  // io.mu: one reader at a time, its thread or a spinning waiter
+    WaiterReaders::Reader io;  // io.mu: one reader at a time, its thread or a reading waiter
     uint64_t peer = 0;
     std::atomic<bool> serving{false};  // past its hello: frames may be read by any thread
     bool ended = false;  // under io.mu: the connection failed or closed; nobody reads it
     std::chrono::steady_clock::time_point partial_since{};  // under io.mu
     std::vector<wire::DataDesc> descs;
     std::vector<uint8_t> raw;
-    std::vector<uint8_t> peeked;  // a spinning waiter's copy of the frame heads queued
+    std::vector<uint8_t> peeked;  // a reading waiter's copy of the frame heads queued
     std::vector<struct iovec> iov;
     // A write frame whose head was read and checked and whose payload is still coming: a
     // spinning waiter lands what is queued and comes back for the rest, or leaves the rest to
@@ -71,7 +73,7 @@ class TcpTransport : public Transport {
       std::shared_ptr<const Region> region;  // where the payload lands; null when discarded
     } landing;
   };
-  // What a spinning waiter found queued: frames it took (kTaken), none, the start of a frame
+  // What a reading waiter found queued: frames it took (kTaken), none, the start of a frame
   // whose head is still coming (kPartial), or a frame that is its thread's (kNotForWaiter).
   enum class Queued { kNothing, kTaken, kPartial, kNotForWaiter };
 
@@ -91,7 +93,7 @@ class TcpTransport : public Transport {
   std::unordered_map<uint64_t, uint64_t> tokens_;  // session token -> peer
   std::unordered_map<Inbound*, std::shared_ptr<Inbound>> inbound_;
   std::atomic<bool> stopping_{false};
-  SpinReaders spin_;
+  WaiterReaders handover_;
   ThreadSet threads_;
 };
 

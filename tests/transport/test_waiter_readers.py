@@ -1,0 +1,204 @@
+"""A waiter that sleeps (wait_notification without spin, notifications(timeout)) reads inbound
+data itself on TCP and cma, sleeping in poll() on the connections between reads, so that a small
+transfer wakes one thread, the waiter, not a transport thread and then the waiter. It must get
+everything a waiter sleeping on the queue gets: every notification, pushed by any thread, from
+connections opened after it fell asleep; and it leaves bulk traffic to the transport's threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import kvtransfer as kvt
+from kvtransfer import transports
+
+MiB = 1 << 20
+TRANSPORTS = [t for t in ("tcp", "cma") if t in transports.available()]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request) -> str:
+    return request.param
+
+
+def _pair(transport: str, nbytes: int = 16 * MiB, **initiator_kw):
+    target = kvt.Endpoint("decode", transport=transport, timeout=5.0)
+    initiator = kvt.Endpoint("prefill", transport=transport, timeout=5.0, **initiator_kw)
+    dst = np.zeros(nbytes, np.uint8)
+    src = np.random.default_rng(11).integers(0, 256, nbytes, dtype=np.uint8)
+    rd = target.register(dst, remote_write=True, remote_read=True)
+    rs = initiator.register(src)
+    return target, initiator, rs, rd, src, dst
+
+
+def _in_thread(fn) -> tuple[threading.Thread, dict]:
+    """Runs fn() in a thread; the dict gets its result or exception, and its CPU and wall time."""
+    out: dict = {}
+
+    def run() -> None:
+        cpu, wall = time.thread_time(), time.monotonic()
+        try:
+            out["result"] = fn()
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            out["error"] = e
+        out["cpu_s"], out["wall_s"] = time.thread_time() - cpu, time.monotonic() - wall
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, out
+
+
+def test_a_sleeping_waiter_reads_small_writes_itself(transport):
+    target, initiator, rs, rd, src, dst = _pair(transport)
+    try:
+        peer = initiator.connect(target.info())
+        tags = [b"s%d" % i for i in range(40)]
+        waiter, out = _in_thread(lambda: [target.wait_notification(t, timeout=5).payload
+                                          for t in tags])
+        for i, tag in enumerate(tags):
+            time.sleep(0.002)  # the waiter is asleep again by now
+            off = i * 65536
+            initiator.write(peer, rs, rd.id, [[off, off, 65536]], notify=tag).wait(5)
+        waiter.join(10)
+        assert out.get("result") == tags, out.get("error")
+        assert (dst[:40 * 65536] == src[:40 * 65536]).all()
+        stats = target.stats()
+        assert stats["sleep_reads"] >= 20, "most writes must be read by the sleeping waiter"
+        assert stats["spin_reads"] == 0
+        # Its ACKs are sent for it: every initiator sees DONE.
+        assert initiator.stats()["transfers_done"] == 40
+    finally:
+        initiator.close()
+        target.close()
+
+
+def test_a_connection_opened_while_a_waiter_sleeps_is_read_at_once(transport):
+    target, initiator, rs, rd, src, dst = _pair(transport)
+    try:
+        waiter, out = _in_thread(lambda: target.wait_notification(b"late", timeout=5))
+        time.sleep(0.05)  # asleep, with no connection to watch yet
+        peer = initiator.connect(target.info())
+        t0 = time.monotonic()
+        initiator.write(peer, rs, rd.id, [[0, 0, 65536]], notify=b"late").wait(5)
+        waiter.join(10)
+        assert "error" not in out, out.get("error")
+        assert time.monotonic() - t0 < 2.0, "the sleeper must watch the new connection"
+        assert (dst[:65536] == src[:65536]).all()
+    finally:
+        initiator.close()
+        target.close()
+
+
+def test_a_notification_pushed_by_another_thread_wakes_a_sleeping_waiter(transport):
+    # The initiator stalls before posting its data (delay_ms), then cancels: the abort comes on
+    # the control connection, whose thread fails the inbound transfer while the waiter sleeps on
+    # the data connections, which stay silent.
+    target, initiator, rs, rd, src, dst = _pair(transport, 8 * MiB, faults="delay_ms=3000")
+    try:
+        peer = initiator.connect(target.info())
+        waiter, out = _in_thread(lambda: target.wait_notification(b"stalled", timeout=5))
+        x = initiator.write(peer, rs, rd.id, [[0, 0, 4 * MiB]], notify=b"stalled")
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        assert x.cancel()
+        waiter.join(10)
+        assert isinstance(out.get("error"), kvt.TransportError), out
+        assert "aborted" in str(out["error"])
+        assert time.monotonic() - t0 < 2.0, "the failure must wake the sleeper, not its timeout"
+    finally:
+        initiator.close()
+        target.close()
+
+
+def test_a_sleeping_waiter_leaves_bulk_traffic_to_the_transport_threads(transport):
+    # 64 MiB in frames or copies too large for a waiter: it steps aside and sleeps on its queue
+    # instead of waking for every frame only to hand it on (it would burn a core doing that).
+    target, initiator, rs, rd, src, dst = _pair(transport, 64 * MiB)
+    try:
+        peer = initiator.connect(target.info())
+        for rep in range(3):
+            waiter, out = _in_thread(lambda r=rep: target.wait_notification(b"bulk%d" % r,
+                                                                             timeout=10))
+            time.sleep(0.01)
+            initiator.write(peer, rs, rd.id, [[0, 0, 64 * MiB]], notify=b"bulk%d" % rep).wait(10)
+            waiter.join(10)
+            assert "error" not in out, out.get("error")
+            assert out["cpu_s"] < 0.25 * out["wall_s"] + 0.002, out
+        assert (dst == src).all()
+    finally:
+        initiator.close()
+        target.close()
+
+
+def test_one_waiter_sleeps_in_the_transport_and_the_others_on_the_queue(transport):
+    target, initiator, rs, rd, src, dst = _pair(transport)
+    try:
+        peer = initiator.connect(target.info())
+        waiters = [_in_thread(lambda i=i: target.wait_notification(b"w%d" % i, timeout=5))
+                   for i in range(4)]
+        time.sleep(0.05)
+        for i in reversed(range(4)):
+            initiator.write(peer, rs, rd.id, [[i * 4096, i * 4096, 4096]],
+                            notify=b"w%d" % i).wait(5)
+            time.sleep(0.005)
+        for t, out in waiters:
+            t.join(10)
+            assert "error" not in out, out.get("error")
+        assert sorted(out["result"].payload for _, out in waiters) == [b"w%d" % i for i in range(4)]
+        assert target.stats()["sleep_reads"] > 0
+    finally:
+        initiator.close()
+        target.close()
+
+
+def test_notifications_with_a_timeout_read_as_a_sleeping_waiter(transport):
+    # The KV layer's NoteRouter pumps this way.
+    target, initiator, rs, rd, src, dst = _pair(transport)
+    try:
+        peer = initiator.connect(target.info())
+
+        def pump() -> list[bytes]:
+            got: list[bytes] = []
+            deadline = time.monotonic() + 5
+            while len(got) < 10 and time.monotonic() < deadline:
+                got.extend(n.payload for n in target.notifications(timeout=0.5))
+            return got
+
+        pumper, out = _in_thread(pump)
+        for i in range(10):
+            time.sleep(0.005)  # the pump is asleep again by now
+            initiator.write(peer, rs, rd.id, [[0, 0, 65536]], notify=b"p%d" % i).wait(5)
+        pumper.join(10)
+        assert out.get("result") == [b"p%d" % i for i in range(10)], out
+        assert target.stats()["sleep_reads"] >= 5
+    finally:
+        initiator.close()
+        target.close()
+
+
+def test_reads_are_served_while_a_waiter_sleeps(transport):
+    # On TCP a read request is the connection thread's to serve (its reply may block): the
+    # sleeper hands it back and steps aside, and the next wait reads again.
+    target, initiator, rs, rd, src, dst = _pair(transport)
+    try:
+        peer = initiator.connect(target.info())
+        dst[:] = src
+        back = np.zeros(4 * MiB, np.uint8)
+        rb = initiator.register(back)
+        for i in range(5):
+            waiter, out = _in_thread(lambda i=i: target.wait_notification(b"r%d" % i, timeout=5))
+            time.sleep(0.005)
+            for j in range(8):
+                off = (i * 8 + j) * 65536
+                initiator.read(peer, rb, rd.id, [[off, off, 65536]]).wait(5)
+            initiator.write(peer, rs, rd.id, [[0, 0, 4096]], notify=b"r%d" % i).wait(5)
+            waiter.join(10)
+            assert "error" not in out, out.get("error")
+        assert (back[:40 * 65536] == src[:40 * 65536]).all()
+    finally:
+        initiator.close()
+        target.close()
