@@ -7,6 +7,7 @@ connections opened after it fell asleep; and it leaves bulk traffic to the trans
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -25,14 +26,16 @@ def transport(request) -> str:
     return request.param
 
 
+@contextlib.contextmanager
 def _pair(transport: str, nbytes: int = 16 * MiB, **initiator_kw):
-    target = kvt.Endpoint("decode", transport=transport, timeout=5.0)
-    initiator = kvt.Endpoint("prefill", transport=transport, timeout=5.0, **initiator_kw)
-    dst = np.zeros(nbytes, np.uint8)
-    src = np.random.default_rng(11).integers(0, 256, nbytes, dtype=np.uint8)
-    rd = target.register(dst, remote_write=True, remote_read=True)
-    rs = initiator.register(src)
-    return target, initiator, rs, rd, src, dst
+    """A decode (target) and a prefill (initiator) endpoint, connected, with a region each."""
+    with kvt.Endpoint("decode", transport=transport, timeout=5.0) as target, \
+            kvt.Endpoint("prefill", transport=transport, timeout=5.0, **initiator_kw) as initiator:
+        dst = np.zeros(nbytes, np.uint8)
+        src = np.random.default_rng(11).integers(0, 256, nbytes, dtype=np.uint8)
+        rd = target.register(dst, remote_write=True, remote_read=True)
+        rs = initiator.register(src)
+        yield target, initiator, rs, rd, src, dst
 
 
 def _in_thread(fn) -> tuple[threading.Thread, dict]:
@@ -53,8 +56,7 @@ def _in_thread(fn) -> tuple[threading.Thread, dict]:
 
 
 def test_a_sleeping_waiter_reads_small_writes_itself(transport):
-    target, initiator, rs, rd, src, dst = _pair(transport)
-    try:
+    with _pair(transport) as (target, initiator, rs, rd, src, dst):
         peer = initiator.connect(target.info())
         tags = [b"s%d" % i for i in range(40)]
         waiter, out = _in_thread(lambda: [target.wait_notification(t, timeout=5).payload
@@ -71,14 +73,10 @@ def test_a_sleeping_waiter_reads_small_writes_itself(transport):
         assert stats["spin_reads"] == 0
         # Its ACKs are sent for it: every initiator sees DONE.
         assert initiator.stats()["transfers_done"] == 40
-    finally:
-        initiator.close()
-        target.close()
 
 
 def test_a_connection_opened_while_a_waiter_sleeps_is_read_at_once(transport):
-    target, initiator, rs, rd, src, dst = _pair(transport)
-    try:
+    with _pair(transport) as (target, initiator, rs, rd, src, dst):
         waiter, out = _in_thread(lambda: target.wait_notification(b"late", timeout=5))
         time.sleep(0.05)  # asleep, with no connection to watch yet
         peer = initiator.connect(target.info())
@@ -88,17 +86,13 @@ def test_a_connection_opened_while_a_waiter_sleeps_is_read_at_once(transport):
         assert "error" not in out, out.get("error")
         assert time.monotonic() - t0 < 2.0, "the sleeper must watch the new connection"
         assert (dst[:65536] == src[:65536]).all()
-    finally:
-        initiator.close()
-        target.close()
 
 
 def test_a_notification_pushed_by_another_thread_wakes_a_sleeping_waiter(transport):
     # The initiator stalls before posting its data (delay_ms), then cancels: the abort comes on
     # the control connection, whose thread fails the inbound transfer while the waiter sleeps on
     # the data connections, which stay silent.
-    target, initiator, rs, rd, src, dst = _pair(transport, 8 * MiB, faults="delay_ms=3000")
-    try:
+    with _pair(transport, 8 * MiB, faults="delay_ms=3000") as (target, initiator, rs, rd, src, dst):
         peer = initiator.connect(target.info())
         waiter, out = _in_thread(lambda: target.wait_notification(b"stalled", timeout=5))
         x = initiator.write(peer, rs, rd.id, [[0, 0, 4 * MiB]], notify=b"stalled")
@@ -109,16 +103,12 @@ def test_a_notification_pushed_by_another_thread_wakes_a_sleeping_waiter(transpo
         assert isinstance(out.get("error"), kvt.TransportError), out
         assert "aborted" in str(out["error"])
         assert time.monotonic() - t0 < 2.0, "the failure must wake the sleeper, not its timeout"
-    finally:
-        initiator.close()
-        target.close()
 
 
 def test_a_sleeping_waiter_leaves_bulk_traffic_to_the_transport_threads(transport):
     # 64 MiB in frames or copies too large for a waiter: it steps aside and sleeps on its queue
     # instead of waking for every frame only to hand it on (it would burn a core doing that).
-    target, initiator, rs, rd, src, dst = _pair(transport, 64 * MiB)
-    try:
+    with _pair(transport, 64 * MiB) as (target, initiator, rs, rd, src, dst):
         peer = initiator.connect(target.info())
         for rep in range(3):
             waiter, out = _in_thread(lambda r=rep: target.wait_notification(b"bulk%d" % r,
@@ -129,14 +119,10 @@ def test_a_sleeping_waiter_leaves_bulk_traffic_to_the_transport_threads(transpor
             assert "error" not in out, out.get("error")
             assert out["cpu_s"] < 0.25 * out["wall_s"] + 0.002, out
         assert (dst == src).all()
-    finally:
-        initiator.close()
-        target.close()
 
 
 def test_one_waiter_sleeps_in_the_transport_and_the_others_on_the_queue(transport):
-    target, initiator, rs, rd, src, dst = _pair(transport)
-    try:
+    with _pair(transport) as (target, initiator, rs, rd, src, dst):
         peer = initiator.connect(target.info())
         waiters = [_in_thread(lambda i=i: target.wait_notification(b"w%d" % i, timeout=5))
                    for i in range(4)]
@@ -150,15 +136,11 @@ def test_one_waiter_sleeps_in_the_transport_and_the_others_on_the_queue(transpor
             assert "error" not in out, out.get("error")
         assert sorted(out["result"].payload for _, out in waiters) == [b"w%d" % i for i in range(4)]
         assert target.stats()["sleep_reads"] > 0
-    finally:
-        initiator.close()
-        target.close()
 
 
 def test_notifications_with_a_timeout_read_as_a_sleeping_waiter(transport):
     # The KV layer's NoteRouter pumps this way.
-    target, initiator, rs, rd, src, dst = _pair(transport)
-    try:
+    with _pair(transport) as (target, initiator, rs, rd, src, dst):
         peer = initiator.connect(target.info())
 
         def pump() -> list[bytes]:
@@ -175,16 +157,12 @@ def test_notifications_with_a_timeout_read_as_a_sleeping_waiter(transport):
         pumper.join(10)
         assert out.get("result") == [b"p%d" % i for i in range(10)], out
         assert target.stats()["sleep_reads"] >= 5
-    finally:
-        initiator.close()
-        target.close()
 
 
 def test_reads_are_served_while_a_waiter_sleeps(transport):
     # On TCP a read request is the connection thread's to serve (its reply may block): the
     # sleeper hands it back and steps aside, and the next wait reads again.
-    target, initiator, rs, rd, src, dst = _pair(transport)
-    try:
+    with _pair(transport) as (target, initiator, rs, rd, src, dst):
         peer = initiator.connect(target.info())
         dst[:] = src
         back = np.zeros(4 * MiB, np.uint8)
@@ -199,6 +177,3 @@ def test_reads_are_served_while_a_waiter_sleeps(transport):
             waiter.join(10)
             assert "error" not in out, out.get("error")
         assert (back[:40 * 65536] == src[:40 * 65536]).all()
-    finally:
-        initiator.close()
-        target.close()
