@@ -1,12 +1,16 @@
 """TCP transport: a waiter that spins (wait_notification(spin=...)) reads queued frames itself
 instead of waking a transport thread. Whatever it meets, the outcome is the one a waiter that
 does not spin gets: the same bytes, the same completions, the same errors. (A waiter that
-sleeps reads too, between sleeps in poll(): tests/transport/test_waiter_readers.py.)"""
+sleeps reads too, between sleeps in poll(): tests/transport/test_waiter_readers.py.) And how a
+transfer is spread over the connections."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import stat
+import struct
 import threading
 import time
 
@@ -229,3 +233,62 @@ def test_hostile_frames_met_by_a_spinning_waiter_are_refused_as_usual(linked):
     text = " ".join(map(str, target.errors()))
     for fragment in ["wrong key", "outside region", "crc32c"]:
         assert fragment in text, fragment
+
+
+TCP_INFO_LEN = 232
+TCPI_BYTES_RECEIVED = 128  # u64 tcpi_bytes_received in struct tcp_info (Linux >= 4.1)
+
+
+def _bytes_received_per_socket() -> dict[int, int]:
+    """The kernel's count of bytes received on each TCP socket this process holds."""
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with contextlib.suppress(OSError):
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            s = socket.socket(fileno=os.dup(fd))
+            try:
+                if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6):
+                    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+                    out[fd] = struct.unpack_from("<Q", info, TCPI_BYTES_RECEIVED)[0]
+            finally:
+                s.close()
+    return out
+
+
+def _sockets_that_received(nbytes: int, connections: int) -> list[int]:
+    """Writes ``nbytes`` over a fresh pair with ``connections`` data connections; returns what
+    each socket that took a share of it (1/8 or more) received."""
+    with kvt.Endpoint("decode", transport="tcp", connections=connections) as target, \
+            kvt.Endpoint("prefill", transport="tcp", connections=connections) as initiator:
+        dst = np.zeros(nbytes, np.uint8)
+        src = np.random.default_rng(3).integers(0, 256, nbytes, dtype=np.uint8)
+        rd = target.register(dst, remote_write=True)
+        rs = initiator.register(src)
+        peer = initiator.connect(target.info())
+        # 64 KiB blocks in reverse order, as a paged cache's block table scatters them.
+        blocks = nbytes // 65536
+        segs = [[i * 65536, (blocks - 1 - i) * 65536, 65536] for i in range(blocks)]
+        before = _bytes_received_per_socket()
+        initiator.write(peer, rs, rd.id, segs, notify=b"layer").wait(5)
+        target.wait_notification(b"layer", timeout=5)
+        after = _bytes_received_per_socket()
+        assert (dst.reshape(blocks, -1)[::-1] == src.reshape(blocks, -1)).all()
+    got = [after[fd] - before.get(fd, 0) for fd in after]
+    return sorted(n for n in got if n >= nbytes // 8)
+
+
+@pytest.mark.parametrize("connections", [2, 4])
+def test_a_transfer_larger_than_a_waiters_frame_moves_over_every_connection(connections):
+    # One 1 MiB layer: on one connection it moves at one stream's speed (~2.7 GB/s here against
+    # ~5 over two), so it is cut into one frame per connection.
+    shares = _sockets_that_received(1 << 20, connections)
+    assert len(shares) == connections, shares
+    assert sum(shares) >= 1 << 20
+
+
+def test_a_transfer_a_waiter_can_read_whole_stays_on_one_connection():
+    # 256 KiB: one frame, which a waiting thread reads itself (one wake-up, not one per frame).
+    shares = _sockets_that_received(256 << 10, 2)
+    assert len(shares) == 1 and shares[0] >= 256 << 10, shares

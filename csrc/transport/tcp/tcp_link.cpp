@@ -1,5 +1,7 @@
 #include "transport/tcp/tcp_link.h"
 
+#include <algorithm>
+
 #include "transport/tcp/tcp_transport.h"
 
 namespace kvt::tcp {
@@ -11,6 +13,14 @@ class TcpPrepared : public PreparedOp {
 };
 
 uint64_t frame_bytes(const Frame& f) { return f.header.payload; }
+
+// A transfer too large for a reading waiter's frame is cut into at least one frame per
+// connection, so a 1 MiB layer moves over all of them at once instead of at one stream's speed.
+uint64_t frame_cap(uint64_t total, size_t connections) {
+  if (total <= kWaiterFrameBytes || connections < 2) return kMaxFrameBytes;
+  const uint64_t share = (total + connections - 1) / connections;
+  return std::min(kMaxFrameBytes, (share + 4095) & ~uint64_t{4095});
+}
 
 }  // namespace
 
@@ -46,6 +56,9 @@ std::unique_ptr<PreparedOp> TcpLink::prepare(OpRequest op) {
     frames.push_back(std::move(f));
   };
   open_frame();
+  uint64_t total = 0;
+  for (const Segment& s : op.segments) total += s.len;
+  const uint64_t cap = frame_cap(total, conns_.size());
   char* base = op.local->base;
   for (const Segment& s : op.segments) {
     uint64_t local_off = write ? s.src_off : s.dst_off;
@@ -53,11 +66,11 @@ std::unique_ptr<PreparedOp> TcpLink::prepare(OpRequest op) {
     uint64_t done = 0;
     while (done < s.len) {
       Frame* f = &frames.back();
-      if (f->header.payload == kMaxFrameBytes || f->remote.size() == kMaxSegsPerFrame) {
+      if (f->header.payload == cap || f->remote.size() == kMaxSegsPerFrame) {
         open_frame();
         f = &frames.back();
       }
-      uint64_t piece = std::min(s.len - done, kMaxFrameBytes - f->header.payload);
+      uint64_t piece = std::min(s.len - done, cap - f->header.payload);
       f->remote.push_back(wire::DataDesc{remote_off + done, piece});
       f->local.push_back(iovec{base + local_off + done, piece});
       f->header.payload += piece;
@@ -81,34 +94,39 @@ void TcpLink::post(std::unique_ptr<PreparedOp> op) {
   }
   if (!op->begin.empty()) frames.front().begin = std::move(op->begin);
   // Each frame goes to the connection with the fewest bytes queued, so a large transfer is
-  // striped over all of them while a small one stays on one.
-  for (auto& f : frames) {
-    Conn* best = conns_.front().get();
-    uint64_t best_q = UINT64_MAX;
-    for (auto& c : conns_) {
-      std::lock_guard<std::mutex> lock(c->mu);
-      if (c->queued_bytes < best_q) {
-        best_q = c->queued_bytes;
-        best = c.get();
-      }
-    }
+  // striped over all of them while a small one stays on one. All are placed before any is
+  // sent: a sender thread that finished a frame meanwhile must not draw the next one back.
+  std::vector<uint64_t> load(conns_.size());
+  for (size_t i = 0; i < conns_.size(); ++i) {
+    std::lock_guard<std::mutex> lock(conns_[i]->mu);
+    load[i] = conns_[i]->queued_bytes;
+  }
+  std::vector<Conn*> to(frames.size());
+  for (size_t k = 0; k < frames.size(); ++k) {
+    size_t best = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
+    load[best] += frame_bytes(frames[k]) + 64;
+    to[k] = conns_[best].get();
+  }
+  for (size_t k = 0; k < frames.size(); ++k) {
+    Conn& c = *to[k];
     bool inline_send = false;
     {
-      std::lock_guard<std::mutex> lock(best->mu);
-      best->queued_bytes += frame_bytes(f) + 64;
-      // An idle connection and a one-frame op: send from this thread, saving the hand-off to
-      // the sender thread (a wake-up on the latency path of small transfers).
-      inline_send = frames.size() == 1 && best->queue.empty() && !best->sending;
+      std::lock_guard<std::mutex> lock(c.mu);
+      c.queued_bytes += frame_bytes(frames[k]) + 64;
+      // The op's last frame, on an idle connection: send it from this thread, saving the
+      // hand-off to the sender thread (a wake-up on the latency path of small transfers);
+      // the sender threads of the others, woken first, send theirs meanwhile.
+      inline_send = k + 1 == frames.size() && c.queue.empty() && !c.sending;
       if (inline_send) {
-        best->sending = true;
+        c.sending = true;
       } else {
-        best->queue.push_back(std::move(f));
+        c.queue.push_back(std::move(frames[k]));
       }
     }
     if (inline_send) {
-      send_frame(*best, std::move(f));
+      send_frame(c, std::move(frames[k]));
     } else {
-      best->cv.notify_one();
+      c.cv.notify_one();
     }
   }
 }

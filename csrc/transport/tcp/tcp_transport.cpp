@@ -200,10 +200,6 @@ bool TcpTransport::sleep_inbound(int wake_fd, int timeout_ms) {
 }
 
 namespace {
-// A reading waiter reads frames up to this size; larger ones are bandwidth traffic that its
-// connection's thread reads (they may not fit the receive queue whole, and a wake-up is cheap
-// next to them).
-constexpr uint64_t kWaiterFrameBytes = 256u << 10;
 // A frame partly queued for longer than this is left to the connection's thread.
 constexpr auto kWaiterPartialWait = std::chrono::microseconds(200);
 // A waiter's first peek: a BEGIN with a short notification and a small write's head. Longer

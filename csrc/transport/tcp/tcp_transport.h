@@ -25,6 +25,10 @@ namespace kvt::tcp {
 
 constexpr uint64_t kMaxFrameBytes = 2u << 20;
 constexpr uint32_t kMaxSegsPerFrame = 256;  // ~128 iovecs per sendmsg is where gains stop
+// A reading waiter reads frames up to this size; larger ones are bandwidth traffic that its
+// connection's thread reads (they may not fit the receive queue whole, and a wake-up is cheap
+// next to them).
+constexpr uint64_t kWaiterFrameBytes = 256u << 10;
 
 class TcpTransport : public Transport {
  public:
