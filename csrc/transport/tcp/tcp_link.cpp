@@ -14,6 +14,10 @@ class TcpPrepared : public PreparedOp {
 
 uint64_t frame_bytes(const Frame& f) { return f.header.payload; }
 
+// What a frame adds to its connection's queued_bytes: its payload plus a rough head, so that
+// frames of no payload (read requests) still spread over the connections.
+uint64_t queue_charge(const Frame& f) { return frame_bytes(f) + 64; }
+
 // A transfer too large for a reading waiter's frame is cut into at least one frame per
 // connection, so a 1 MiB layer moves over all of them at once instead of at one stream's speed.
 uint64_t frame_cap(uint64_t total, size_t connections) {
@@ -104,7 +108,7 @@ void TcpLink::post(std::unique_ptr<PreparedOp> op) {
   std::vector<Conn*> to(frames.size());
   for (size_t k = 0; k < frames.size(); ++k) {
     size_t best = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
-    load[best] += frame_bytes(frames[k]) + 64;
+    load[best] += queue_charge(frames[k]);
     to[k] = conns_[best].get();
   }
   for (size_t k = 0; k < frames.size(); ++k) {
@@ -112,7 +116,7 @@ void TcpLink::post(std::unique_ptr<PreparedOp> op) {
     bool inline_send = false;
     {
       std::lock_guard<std::mutex> lock(c.mu);
-      c.queued_bytes += frame_bytes(frames[k]) + 64;
+      c.queued_bytes += queue_charge(frames[k]);
       // The op's last frame, on an idle connection: send it from this thread, saving the
       // hand-off to the sender thread (a wake-up on the latency path of small transfers);
       // the sender threads of the others, woken first, send theirs meanwhile.
@@ -152,7 +156,7 @@ bool TcpLink::send_frame(Conn& c, Frame f) {
   uint8_t crc_le[4];
   uint8_t begin_header[wire::kDataHeaderSize];
   uint8_t begin_crc_le[4];
-  const uint64_t bytes = frame_bytes(f);
+  const uint64_t charge = queue_charge(f);
   bool ok = true;
   try {
     wire::encode_data_header(f.header, f.remote.data(), header);
@@ -192,7 +196,7 @@ bool TcpLink::send_frame(Conn& c, Frame f) {
   bool more;
   {
     std::lock_guard<std::mutex> lock(c.mu);
-    c.queued_bytes -= bytes + 64;
+    c.queued_bytes -= charge;
     c.sending = false;
     more = !c.queue.empty();
   }
