@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -25,8 +24,9 @@ class Status(enum.IntEnum):
     ERROR = 2
 
 
-@dataclass(frozen=True)
-class Notification:
+class Notification(NamedTuple):
+    """Made by the core without running this class's Python (see make_notification)."""
+
     peer: str       # the initiating endpoint's name
     payload: bytes
     error: str | None = None  # set when the transfer that carried this payload failed
@@ -156,15 +156,15 @@ def as_segments(segments: Any) -> np.ndarray:
     return arr
 
 
-def _payload(notify: Any) -> bytes:
-    if isinstance(notify, (bytes, bytearray, memoryview)):
-        return bytes(notify)
-    raise InvalidRequestError(f"notify must be bytes, got {type(notify).__name__}")
-
-
-def _explain_refused_arguments(remote_region: Any, segments: Any, timeout: Any,
-                               checksum: Any) -> None:
+def _explain_refused_arguments(peer: Any, local: Any, remote_region: Any, segments: Any,
+                               timeout: Any, checksum: Any) -> None:
     """Raises InvalidRequestError naming the argument the core refused (a TypeError there)."""
+    if not isinstance(peer, Peer):
+        raise InvalidRequestError(
+            f"peer must be a Peer from connect(), got {type(peer).__name__}")
+    if not isinstance(local, Region):
+        raise InvalidRequestError(
+            f"local must be a Region from register(), got {type(local).__name__}")
     as_segments(segments)
     if isinstance(remote_region, (int, np.integer)) and not 0 <= remote_region < 2**32:
         raise InvalidRequestError(f"remote_region {remote_region} is not a region id")
@@ -232,42 +232,32 @@ class Endpoint:
         return Peer(self, self._core.connect(raw, float(timeout or self.timeout)))
 
     # -- transfers
+    # The latency path: every Python step here is paid on each transfer, on a CPU gone cold
+    # between requests. So each is one call into the core, which converts and checks the
+    # arguments itself; Python only explains what it refused.
     def write(self, peer: Peer, local: Region, remote_region: int, segments: Any,
               notify: bytes | None = None, timeout: float | None = None,
               checksum: bool | None = None) -> Transfer:
         """Copies local[src:src+len] to the peer's region at dst for each (src, dst, len)."""
-        return self._transfer(True, peer, local, remote_region, segments, notify, timeout,
-                              checksum)
+        try:
+            return Transfer(self, self._core.transfer(
+                True, peer._core, local.id, remote_region, segments, notify, timeout or 0.0,
+                -1 if checksum is None else checksum))
+        except (AttributeError, TypeError):
+            _explain_refused_arguments(peer, local, remote_region, segments, timeout, checksum)
+            raise
 
     def read(self, peer: Peer, local: Region, remote_region: int, segments: Any,
              notify: bytes | None = None, timeout: float | None = None,
              checksum: bool | None = None) -> Transfer:
         """Copies the peer's region at src to local[dst:dst+len] for each (src, dst, len)."""
-        return self._transfer(False, peer, local, remote_region, segments, notify, timeout,
-                              checksum)
-
-    def _transfer(self, is_write: bool, peer: Peer, local: Region, remote_region: int,
-                  segments: Any, notify: bytes | None, timeout: float | None,
-                  checksum: bool | None) -> Transfer:
-        # The latency path: every Python step here is paid on each write, cold after idle time.
-        # The core converts and checks the arguments itself (one numpy conversion, not two);
-        # Python only explains what it refused.
-        if not isinstance(peer, Peer):
-            raise InvalidRequestError(
-                f"peer must be a Peer from connect(), got {type(peer).__name__}")
-        if not isinstance(local, Region):
-            raise InvalidRequestError(
-                f"local must be a Region from register(), got {type(local).__name__}")
-        if notify is not None and type(notify) is not bytes:
-            notify = _payload(notify)
         try:
-            core = self._core.transfer(is_write, peer._core, local.id, remote_region, segments,
-                                       notify, timeout or 0.0,
-                                       -1 if checksum is None else checksum)
-        except TypeError:
-            _explain_refused_arguments(remote_region, segments, timeout, checksum)
+            return Transfer(self, self._core.transfer(
+                False, peer._core, local.id, remote_region, segments, notify, timeout or 0.0,
+                -1 if checksum is None else checksum))
+        except (AttributeError, TypeError):
+            _explain_refused_arguments(peer, local, remote_region, segments, timeout, checksum)
             raise
-        return Transfer(self, core)
 
     # -- notifications
     def wait_notification(self, payload: bytes, timeout: float = DEFAULT_TIMEOUT,
@@ -278,16 +268,13 @@ class Endpoint:
         alone. ``spin`` > 0 polls for up to that many seconds first instead: lower latency
         still (nothing to wake), paid for with a busy core while it polls; the default never
         spins (docs/transports.md, "Waiters that read")."""
-        if spin < 0:
-            raise InvalidRequestError(f"spin must be >= 0 seconds, got {spin}")
-        peer, data, _ = self._core.wait_notification(bytes(payload), float(timeout), float(spin))
-        return Notification(peer, data)
+        return self._core.wait_notification(payload, timeout, spin)
 
     def notifications(self, timeout: float = 0.0) -> list[Notification]:
         """Notifications (and failure events, with ``error`` set) that arrived, each returned
         once. With ``timeout`` > 0, first waits up to that long for at least one, reading what
         arrives as wait_notification does."""
-        return [Notification(p, d, e) for p, d, e in self._core.notifications(float(timeout))]
+        return self._core.notifications(timeout)
 
     def errors(self) -> list[KVTransferError]:
         """Errors this endpoint saw from peers (bad frames, failed authentication), newest last."""

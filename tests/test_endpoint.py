@@ -24,6 +24,7 @@ def test_write_lands_permuted_blocks_and_notifies_once(pair):
     assert x.wait(5).status is kvt.Status.DONE
     note = target.wait_notification(b"req-42", timeout=5)
     assert note.peer == "prefill" and note.payload == b"req-42"
+    assert isinstance(note, kvt.Notification) and note == ("prefill", b"req-42", None)
     assert (dst.reshape(n, bs)[perm] == src.reshape(n, bs)).all()
     assert target.notifications() == []  # exactly once
     with pytest.raises(kvt.TimeoutError):
@@ -175,8 +176,10 @@ def test_a_spinning_wait_returns_the_notification_and_still_times_out(pair):
     with pytest.raises(kvt.TimeoutError):
         target.wait_notification(b"never", timeout=0.2, spin=10)  # spins no longer than timeout
     assert time.monotonic() - t0 < 1.0
-    with pytest.raises(kvt.InvalidRequestError):
+    with pytest.raises(kvt.InvalidRequestError, match="spin must be >= 0 seconds, got -1"):
         target.wait_notification(b"never", timeout=0.1, spin=-1)
+    with pytest.raises(kvt.InvalidRequestError, match="payload must be bytes, got str"):
+        target.wait_notification("spin-0", timeout=0.1)
 
 
 def test_segments_and_payloads_in_any_integer_or_bytes_form_are_accepted(pair):
@@ -186,13 +189,19 @@ def test_segments_and_payloads_in_any_integer_or_bytes_form_are_accepted(pair):
     rd = target.register(dst, remote_write=True)
     rs = initiator.register(src)
     peer = initiator.connect(target.info())
+    misaligned = np.frombuffer(b"\0" + np.array([[0, 3584, 256]], np.int64).tobytes(), np.int64,
+                               offset=1).reshape(1, 3)
     forms = [[(0, 0, 1024)], np.array([[1024, 1024, 1024]], np.int32),
-             np.array([[0, 2048, 1024], [1024, 3072, 1024]], np.int64)[::-1]]
-    for i, segs in enumerate(forms):
-        initiator.write(peer, rs, np.int64(rd.id), segs, notify=bytearray(b"form%d" % i)).wait()
-        assert target.wait_notification(b"form%d" % i, timeout=5).payload == b"form%d" % i
+             np.array([[0, 2048, 1024], [1024, 3072, 1024]], np.int64)[::-1],
+             np.array([[0, 3072, 256]], ">i8"),  # big-endian
+             np.asfortranarray(np.array([[0, 3328, 256]], np.int64)), misaligned]
+    notifies = [bytearray(b"form0"), memoryview(b"form1")] + [b"form%d" % i for i in range(2, 6)]
+    for i, (segs, notify) in enumerate(zip(forms, notifies, strict=True)):
+        initiator.write(peer, rs, np.int64(rd.id), segs, notify=notify).wait()
+        assert target.wait_notification(bytearray(b"form%d" % i), timeout=5).payload == b"form%d" % i
     assert (dst[:2048] == src[:2048]).all()
-    assert (dst[2048:3072] == src[:1024]).all() and (dst[3072:] == src[1024:2048]).all()
+    assert (dst[2048:3072] == src[:1024]).all()
+    assert (dst[3072:3840] == np.tile(src[:256], 3)).all() and (dst[3840:] == src[1792:2048]).all()
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -4,7 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <optional>
+#include <cstring>
 
 #include "engine/endpoint.h"
 #include "python/bindings.h"
@@ -17,16 +17,79 @@ namespace {
 
 using Segments = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
-const int64_t* segment_rows(const Segments& segs, size_t* n) {
-  if (segs.ndim() != 2 || segs.shape(1) != 3) {
-    std::string shape;
-    for (py::ssize_t i = 0; i < segs.ndim(); ++i) shape += (i ? ", " : "") + std::to_string(segs.shape(i));
-    if (segs.ndim() == 1) shape += ",";
-    fail(ErrorCode::kInvalidRequest, "segments must have shape [N, 3] (src_off, dst_off, len), got (" +
-                                         shape + ")");
+// A transfer's segment table, rows of (src_off, dst_off, len). The latency path is cold after
+// idle time and pays for every call it makes, so what callers build (a C-contiguous native int64
+// array) is read in place without a call into numpy; anything else is converted once.
+class SegmentRows {
+ public:
+  explicit SegmentRows(py::handle h) {
+    static PyObject* const int64_descr = py::dtype::of<int64_t>().release().ptr();
+    if (py::isinstance<py::array>(h)) {
+      auto a = py::reinterpret_borrow<py::array>(h);
+      if (a.dtype().ptr() == int64_descr && (a.flags() & py::array::c_style) &&
+          reinterpret_cast<uintptr_t>(a.data()) % alignof(int64_t) == 0) {
+        take(a);
+        return;
+      }
+    }
+    converted_ = Segments::ensure(h);
+    if (!converted_) {
+      PyErr_Clear();
+      throw py::type_error("segments must be integers, an array of shape [N, 3]");
+    }
+    if (reinterpret_cast<uintptr_t>(converted_.data()) % alignof(int64_t) != 0) {
+      Segments aligned(std::vector<py::ssize_t>(converted_.shape(), converted_.shape() + converted_.ndim()));
+      std::memcpy(aligned.mutable_data(), converted_.data(), static_cast<size_t>(converted_.nbytes()));
+      converted_ = std::move(aligned);
+    }
+    take(converted_);
   }
-  *n = static_cast<size_t>(segs.shape(0));
-  return segs.data();
+  const int64_t* rows = nullptr;
+  size_t n = 0;
+
+ private:
+  void take(const py::array& a) {
+    if (a.ndim() != 2 || a.shape(1) != 3) {
+      std::string shape;
+      for (py::ssize_t i = 0; i < a.ndim(); ++i) shape += (i ? ", " : "") + std::to_string(a.shape(i));
+      if (a.ndim() == 1) shape += ",";
+      fail(ErrorCode::kInvalidRequest, "segments must have shape [N, 3] (src_off, dst_off, len), got (" +
+                                           shape + ")");
+    }
+    n = static_cast<size_t>(a.shape(0));
+    rows = static_cast<const int64_t*>(a.data());
+  }
+  Segments converted_;
+};
+
+// The bytes of `h` (bytes, bytearray, memoryview); `what` names the argument when it is not.
+std::string bytes_arg(py::handle h, const char* what) {
+  if (PyBytes_Check(h.ptr())) {
+    return std::string(PyBytes_AS_STRING(h.ptr()), static_cast<size_t>(PyBytes_GET_SIZE(h.ptr())));
+  }
+  Py_buffer view;
+  if (PyObject_GetBuffer(h.ptr(), &view, PyBUF_SIMPLE) != 0) {
+    PyErr_Clear();
+    fail(ErrorCode::kInvalidRequest,
+         std::string(what) + " must be bytes, got " + Py_TYPE(h.ptr())->tp_name);
+  }
+  std::string out(static_cast<const char*>(view.buf), static_cast<size_t>(view.len));
+  PyBuffer_Release(&view);
+  return out;
+}
+
+// A kvtransfer.Notification (a NamedTuple) made as its own __new__ would, tuple.__new__(cls,
+// fields), without running Python: a notified waiter on a CPU gone cold between requests pays
+// microseconds for every line of Python on its way back.
+py::object make_notification(const Notification& n) {
+  static PyObject* const cls =
+      py::object(py::module_::import("kvtransfer.endpoint").attr("Notification")).release().ptr();
+  py::tuple fields = py::make_tuple(n.peer, py::bytes(n.payload),
+                                    n.failed ? py::object(py::str(n.error)) : py::object(py::none()));
+  PyObject* o = PyTuple_Type.tp_new(reinterpret_cast<PyTypeObject*>(cls),
+                                    py::make_tuple(fields).ptr(), nullptr);
+  if (o == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(o);
 }
 
 py::dict stats_dict(const StatsSnapshot& s) {
@@ -45,11 +108,6 @@ py::dict stats_dict(const StatsSnapshot& s) {
   d["latency_p99_s"] = s.latency_p99_s;
   d["latency_samples"] = s.latency_samples;
   return d;
-}
-
-py::tuple notification_tuple(const Notification& n) {
-  return py::make_tuple(n.peer, py::bytes(n.payload),
-                        n.failed ? py::object(py::str(n.error)) : py::object(py::none()));
 }
 
 }  // namespace
@@ -121,27 +179,30 @@ void register_endpoint(py::module_& m) {
       .def("peer_regions", &Endpoint::peer_regions, py::arg("peer"), py::arg("timeout"),
            py::call_guard<py::gil_scoped_release>())
       .def("transfer", [](Endpoint& ep, bool is_write, PeerConn& peer, uint32_t local,
-                          uint32_t remote, const Segments& segs, std::optional<py::bytes> notify,
+                          uint32_t remote, py::handle segments, py::handle notify,
                           double timeout, int checksum) {
-             size_t n = 0;
-             const int64_t* rows = segment_rows(segs, &n);
-             std::optional<std::string> payload;
-             if (notify) payload = std::string(*notify);
-             const std::string* p = payload ? &*payload : nullptr;
+             SegmentRows segs(segments);
+             std::string payload;
+             if (!notify.is_none()) payload = bytes_arg(notify, "notify");
+             const std::string* p = notify.is_none() ? nullptr : &payload;
              TransferOptions opts{timeout, checksum};
              py::gil_scoped_release release;
-             return is_write ? ep.write(peer, local, remote, rows, n, p, opts)
-                             : ep.read(peer, local, remote, rows, n, p, opts);
+             return is_write ? ep.write(peer, local, remote, segs.rows, segs.n, p, opts)
+                             : ep.read(peer, local, remote, segs.rows, segs.n, p, opts);
            }, py::arg("is_write"), py::arg("peer"), py::arg("local"), py::arg("remote"),
            py::arg("segments"), py::arg("notify"), py::arg("timeout"), py::arg("checksum"))
-      .def("wait_notification", [](Endpoint& ep, py::bytes payload, double timeout, double spin) {
-             std::string p = payload;
+      .def("wait_notification", [](Endpoint& ep, py::handle payload, double timeout, double spin) {
+             if (spin < 0) {
+               fail(ErrorCode::kInvalidRequest,
+                    "spin must be >= 0 seconds, got " + py::repr(py::float_(spin)).cast<std::string>());
+             }
+             std::string p = bytes_arg(payload, "payload");
              Notification n;
              {
                py::gil_scoped_release release;
                n = ep.wait_notification(p, timeout, spin);
              }
-             return notification_tuple(n);
+             return make_notification(n);
            }, py::arg("payload"), py::arg("timeout"), py::arg("spin") = 0.0)
       .def("notifications", [](Endpoint& ep, double timeout) {
         std::vector<Notification> got;
@@ -150,7 +211,7 @@ void register_endpoint(py::module_& m) {
           got = ep.notifications(timeout);
         }
         py::list out;
-        for (const auto& n : got) out.append(notification_tuple(n));
+        for (const auto& n : got) out.append(make_notification(n));
         return out;
       }, py::arg("timeout") = 0.0)
       .def("refuse_inbound", [](Endpoint& ep, py::bytes prefix, const std::string& reason) {
