@@ -107,6 +107,39 @@ def test_a_burst_of_queued_writes_is_taken_in_order_by_a_spinning_waiter(linked)
         assert (dst[i * 4096:i * 4096 + 1000 + i] == src[i * 4096:i * 4096 + 1000 + i]).all()
 
 
+def _begin_frame(slot: int, notify: bytes) -> bytes:
+    """A BEGIN frame for a one-unit write (docs/wire-format.md): body, then its crc32c."""
+    body = struct.pack("<QIIB", slot, 1, 5000, 1) + rc.lp(notify) + struct.pack("<Q", 0)
+    return (rc.data_frame(rc.D_BEGIN, slot, payload=body, flags=1)
+            + struct.pack("<I", kvt._core.crc32c(body)))
+
+
+def test_a_run_of_begin_frames_longer_than_a_waiters_largest_look_is_taken_in_parts(linked):
+    # Eight BEGIN frames with 4000-byte notifications queued ahead of their writes: ~32 KiB of
+    # heads, twice the most a spinning waiter peeks at once (16 KiB). It takes them over several
+    # looks, loses none, and lands every write after them.
+    target, initiator, peer, rs, rd, src, dst = linked
+    ctrl, welcome = rc.connect(target.address)
+    d = rc.open_data(welcome)
+    key = welcome["regions"][rd.id]["key"]
+    tags = [bytes([97 + i]) * 4000 for i in range(8)]
+    begins = b"".join(_begin_frame(100 + i, tag) for i, tag in enumerate(tags))
+    writes = b"".join(rc.data_frame(rc.D_WRITE, 100 + i, rd.id, key, [(i * 64, 16)],
+                                    bytes([i + 1]) * 16) for i in range(8))
+    reads_before = target.stats()["spin_reads"]
+    seen: list[bytes] = []
+    waiter = _spin_for(target, tags, seen)
+    time.sleep(0.05)
+    d.sendall(begins + writes)
+    waiter.join(10)
+    d.close()
+    ctrl.close()
+    assert seen == tags
+    for i in range(8):
+        assert (dst[i * 64:i * 64 + 16] == i + 1).all()
+    assert target.stats()["spin_reads"] > reads_before  # the waiter read them, not a thread
+
+
 def test_reads_served_while_a_waiter_spins(linked):
     target, initiator, peer, rs, rd, src, dst = linked
     dst[:] = src
