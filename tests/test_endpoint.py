@@ -198,7 +198,8 @@ def test_segments_and_payloads_in_any_integer_or_bytes_form_are_accepted(pair):
     notifies = [bytearray(b"form0"), memoryview(b"form1")] + [b"form%d" % i for i in range(2, 6)]
     for i, (segs, notify) in enumerate(zip(forms, notifies, strict=True)):
         initiator.write(peer, rs, np.int64(rd.id), segs, notify=notify).wait()
-        assert target.wait_notification(bytearray(b"form%d" % i), timeout=5).payload == b"form%d" % i
+        note = target.wait_notification(bytearray(b"form%d" % i), timeout=5)
+        assert note.payload == b"form%d" % i
     assert (dst[:2048] == src[:2048]).all()
     assert (dst[2048:3072] == src[:1024]).all()
     assert (dst[3072:3840] == np.tile(src[:256], 3)).all() and (dst[3840:] == src[1792:2048]).all()
