@@ -289,12 +289,15 @@ TcpTransport::Queued TcpTransport::take_queued(Inbound& conn) {
   l.first = first - 1;
   if (l.first < l.left.size()) {
     l.left[l.first] = iov[first];  // partly filled: the rest comes later
-  } else {
-    landed(conn);
+    return Queued::kTaken;
   }
-  return Queued::kTaken;
+  landed(conn);
+  return Queued::kLanded;
 }
 
+// Returns as soon as a write has landed whole: the waiter looks for its notification before
+// this peeks at any socket again (a system call on the latency path). The next call starts at
+// the following connection, so that a busy one cannot starve the others.
 bool TcpTransport::poll_inbound() {
   std::vector<std::shared_ptr<Inbound>> conns;
   {
@@ -306,24 +309,26 @@ bool TcpTransport::poll_inbound() {
     }
   }
   bool handled = false;
-  for (auto& c : conns) {
+  const size_t start = conns.empty() ? 0 : poll_start_.load(std::memory_order_relaxed) % conns.size();
+  for (size_t k = 0; k < conns.size(); ++k) {
+    auto& c = conns[(start + k) % conns.size()];
     std::unique_lock<std::mutex> lock(c->io.mu, std::try_to_lock);
     if (!lock.owns_lock() || c->ended || c->io.handoff.load()) continue;
     try {
       while (true) {
         auto& l = c->landing;
         Queued q = l.active ? Queued::kPartial : take_queued(*c);
+        if (q == Queued::kLanded || (q == Queued::kPartial && l.active && land(*c, false))) {
+          c->partial_since = {};
+          poll_start_.store(start + k + 1, std::memory_order_relaxed);
+          return true;
+        }
         if (q == Queued::kTaken) {
           handled = true;
           if (!l.active) c->partial_since = {};
           continue;
         }
         if (q == Queued::kPartial) {
-          if (l.active && land(*c, false)) {
-            handled = true;
-            c->partial_since = {};
-            continue;
-          }
           auto now = std::chrono::steady_clock::now();
           if (c->partial_since == std::chrono::steady_clock::time_point{}) c->partial_since = now;
           if (now - c->partial_since < kWaiterPartialWait) break;  // the rest is on its way

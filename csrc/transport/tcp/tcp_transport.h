@@ -77,9 +77,10 @@ class TcpTransport : public Transport {
       std::shared_ptr<const Region> region;  // where the payload lands; null when discarded
     } landing;
   };
-  // What a reading waiter found queued: frames it took (kTaken), none, the start of a frame
-  // whose head is still coming (kPartial), or a frame that is its thread's (kNotForWaiter).
-  enum class Queued { kNothing, kTaken, kPartial, kNotForWaiter };
+  // What a reading waiter found queued: frames it took (kTaken), a write it took and landed
+  // whole (kLanded), none, the start of a frame whose head is still coming (kPartial), or a
+  // frame that is its thread's (kNotForWaiter).
+  enum class Queued { kNothing, kTaken, kLanded, kPartial, kNotForWaiter };
 
   void accept_loop();
   void serve(std::shared_ptr<Inbound> conn);
@@ -97,6 +98,7 @@ class TcpTransport : public Transport {
   std::unordered_map<uint64_t, uint64_t> tokens_;  // session token -> peer
   std::unordered_map<Inbound*, std::shared_ptr<Inbound>> inbound_;
   std::atomic<bool> stopping_{false};
+  std::atomic<size_t> poll_start_{0};  // where the next poll_inbound starts (round robin)
   WaiterReaders handover_;
   ThreadSet threads_;
 };
