@@ -24,6 +24,8 @@ inline uint64_t get_le(const uint8_t* p, int n) {
 
 class Writer {
  public:
+  Writer() = default;
+  explicit Writer(size_t expected) { out_.reserve(expected); }  // one allocation, not several
   void u8(uint8_t v) { out_.push_back(static_cast<char>(v)); }
   void u16(uint16_t v) { put(v, 2); }
   void u32(uint32_t v) { put(v, 4); }
@@ -38,7 +40,9 @@ class Writer {
 
  private:
   void put(uint64_t v, int n) {
-    for (int i = 0; i < n; ++i) out_.push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
+    char le[8];
+    for (int i = 0; i < n; ++i) le[i] = static_cast<char>((v >> (8 * i)) & 0xFF);
+    out_.append(le, static_cast<size_t>(n));
   }
   std::string out_;
 };

@@ -182,7 +182,7 @@ ErrorMsg decode_error(const std::string& body) {
 }
 
 std::string encode(const Begin& m) {
-  Writer w;
+  Writer w(8 + 4 + 4 + 1 + 4 + m.notify.size() + 8);
   w.u64(m.slot);
   w.u32(m.units);
   w.u32(m.deadline_ms);
