@@ -399,7 +399,10 @@ bool CmaTransport::sleep_inbound(int wake_fd, int timeout_ms) {
 
 // A reading waiter takes what the arrival rings hold, then every record queued on the sockets
 // (whole messages: SEQPACKET); an error or the end of the session goes back to the session's
-// thread, which ends it as usual.
+// thread, which ends it as usual. Arrivals from a ring (a small write lands there, its BEGIN
+// with it) return at once: the waiter looks for its notification before a system call reads
+// the socket. Every other poll of a session reads it regardless, so that arrivals streaming in
+// cannot starve its records, and polls start round robin, so that no session starves another.
 bool CmaTransport::poll_inbound() {
   std::vector<std::shared_ptr<Session>> sessions;
   {
@@ -411,11 +414,21 @@ bool CmaTransport::poll_inbound() {
   }
   bool handled = false;
   Msg m;
-  for (auto& s : sessions) {
+  const size_t start = sessions.empty() ? 0 : poll_start_.load(std::memory_order_relaxed) % sessions.size();
+  for (size_t k = 0; k < sessions.size(); ++k) {
+    auto& s = sessions[(start + k) % sessions.size()];
     std::unique_lock<std::mutex> lock(s->io.mu, std::try_to_lock);
     if (!lock.owns_lock() || s->failure || s->io.handoff.load()) continue;
     try {
-      if (take_arrivals(*s)) handled = true;
+      if (take_arrivals(*s)) {
+        handled = true;
+        if (!s->socket_skipped) {
+          s->socket_skipped = true;
+          poll_start_.store(start + k + 1, std::memory_order_relaxed);
+          return true;
+        }
+      }
+      s->socket_skipped = false;
       Received got;
       while ((got = recv_msg_now(s->sock, m)) == Received::kRecord) {
         handle_record(*s, m);

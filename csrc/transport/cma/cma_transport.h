@@ -53,6 +53,7 @@ class CmaTransport : public Transport {
     std::atomic<bool> serving{false};  // past its hello: records may be read by any thread
     std::atomic<bool> gone{false};  // the initiator closed its end: it copies nothing more
     std::optional<Error> failure;   // under io.mu: what a reading waiter met, for its thread
+    bool socket_skipped = false;    // under io.mu: the last poll took ring arrivals only
   };
   void accept_loop();
   void serve(std::shared_ptr<Session> s);
@@ -74,6 +75,7 @@ class CmaTransport : public Transport {
   std::unordered_map<uint64_t, uint64_t> tokens_;   // session token -> peer
   std::unordered_map<Session*, std::shared_ptr<Session>> sessions_;
   std::atomic<bool> stopping_{false};
+  std::atomic<size_t> poll_start_{0};  // where the next poll_inbound starts (round robin)
   WaiterReaders handover_;
   ThreadSet threads_;
 };
