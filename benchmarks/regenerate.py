@@ -114,10 +114,12 @@ def ratio_lines(recs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def limits_lines(recs: list[dict]) -> str:
-    return "\n".join(f"- {r['system']}: {r['gbps_p50']:.2f} GB/s" if "gbps_p50" in r
-                     else f"- {r['system']}: {r.get('error')}"
-                     for r in recs if r.get("workload") == "limits")
+def limits_lines(recs: list[dict], latency: bool = False) -> str:
+    """The limits measured in a run: its ceilings (GB/s), or with ``latency`` its floors (µs)."""
+    from kvtransfer.bench.limits import describe
+
+    return "\n".join(f"- {r['system']}: {describe(r)}" for r in recs
+                     if r.get("workload") == "limits" and ("latency_us_p50" in r) == latency)
 
 
 def micro_table(path: Path) -> str:
@@ -160,7 +162,7 @@ def latency_section(bench: list[str], peers: list[str], quick: bool) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     # The latency row drifts most between runs (where each process lands on 2 cores): every
     # system is measured LATENCY_RUNS times, taking turns, and its median run is reported.
-    cmd = [*bench, *peers, "--workloads", "latency,latency-busy,latency-sleeping",
+    cmd = [*bench, *peers, "--limits", "--workloads", "latency,latency-busy,latency-sleeping",
            "--transport", "tcp,cma",
            "--runs", "3" if quick else str(LATENCY_RUNS), "--json", str(out)]
     run(cmd)
@@ -180,6 +182,12 @@ def latency_section(bench: list[str], peers: list[str], quick: bool) -> str:
         "that was idle; in `latency-64KiB-busy-prefill` it polls for its next command instead, "
         "so it posts from a busy CPU, as a prefill worker right after its forward pass.", "",
         transfer_table(recs), "",
+        "The kernel's floor, measured at the start of the same run: one 64 KiB message between "
+        "two threads over loopback TCP, bare sockets, no library and no Python "
+        "(`kvtransfer._core.tcp_oneway_seconds`; the sender asleep for 1 ms before each, or "
+        "spinning). Read the rows against it: on this shared VM it moves by 2x within an hour.",
+        "",
+        limits_lines(recs, latency=True), "",
         "Ratios (same runs):", "",
         ratio_lines(recs), "",
     ])

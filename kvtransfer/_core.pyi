@@ -6,7 +6,7 @@ import collections.abc
 import numpy
 import numpy.typing
 import typing
-__all__: list[str] = ['Endpoint', 'KV_FILE_VERSION', 'KV_PREAMBLE_BYTES', 'KV_RECORD_HEADER_BYTES', 'KV_RECORD_TRAILER_BYTES', 'MAX_NOTIFY_BYTES', 'PROTOCOL_VERSION', 'Peer', 'PlaneSet', 'Transfer', 'crc32c', 'decode_control', 'decode_data_frame', 'decode_info', 'decode_kv_header', 'decode_message', 'decode_note', 'decode_ticket', 'encode_control', 'encode_data_frame', 'encode_info', 'encode_kv_header', 'encode_note', 'encode_ticket', 'error_class_name', 'kv_header_length', 'note_prefix', 'open_kv_record', 'plan_segments', 'seal_kv_record', 'transports']
+__all__: list[str] = ['Endpoint', 'KV_FILE_VERSION', 'KV_PREAMBLE_BYTES', 'KV_RECORD_HEADER_BYTES', 'KV_RECORD_TRAILER_BYTES', 'MAX_NOTIFY_BYTES', 'PROTOCOL_VERSION', 'Peer', 'PlaneSet', 'Transfer', 'crc32c', 'decode_control', 'decode_data_frame', 'decode_info', 'decode_kv_header', 'decode_message', 'decode_note', 'decode_ticket', 'encode_control', 'encode_data_frame', 'encode_info', 'encode_kv_header', 'encode_note', 'encode_ticket', 'error_class_name', 'kv_header_length', 'note_prefix', 'open_kv_record', 'plan_segments', 'seal_kv_record', 'tcp_oneway_seconds', 'transports']
 class Transfer:
     def wait(self, timeout: typing.SupportsFloat | typing.SupportsIndex) -> bool:
         """
@@ -168,6 +168,10 @@ def plan_segments(src: PlaneSet, dst: PlaneSet, src_blocks: typing.Annotated[num
 def seal_kv_record(record: typing.Any, seq: typing.SupportsInt | typing.SupportsIndex, source_block: typing.SupportsInt | typing.SupportsIndex) -> None:
     """
     Writes a KV record's header and crc32c into a buffer holding its scales and data.
+    """
+def tcp_oneway_seconds(nbytes: typing.SupportsInt | typing.SupportsIndex, reps: typing.SupportsInt | typing.SupportsIndex, gap_us: typing.SupportsInt | typing.SupportsIndex, busy: bool) -> list[float]:
+    """
+    One-way times (s) of `reps` messages of `nbytes` between two threads over loopback TCP, bare sockets: the kernel's floor for the latency rows. The sender waits gap_us before each (asleep, or spinning when busy).
     """
 def transports() -> list[str]:
     """

@@ -187,6 +187,21 @@ def test_the_latency_rows_are_measured_and_labelled_apart(tmp_path):
         assert rec["verified"] is True and rec["reps"] == 200 and rec["latency_us_p50"] > 0
 
 
+def test_the_latency_rows_floor_is_one_bare_socket_message_between_two_threads():
+    import kvtransfer as kvt
+    from kvtransfer import _core
+    from kvtransfer.bench import limits
+
+    times = _core.tcp_oneway_seconds(65536, 50, 0, True)
+    assert len(times) == 50 and all(0 < t < 1 for t in times)
+    idle = limits.tcp_oneway_us(reps=20)
+    assert idle["system"] == "bare TCP sockets, 64 KiB one-way, sender idle"
+    assert 0 < idle["latency_us_p50"] <= idle["latency_us_p99"]
+    assert re.fullmatch(r"\d+ µs p50 \(p99 \d+\)", limits.describe(idle))
+    with pytest.raises(kvt.InvalidRequestError, match="nbytes > 0"):
+        _core.tcp_oneway_seconds(0, 1, 0, True)
+
+
 def test_blocks_per_request_sweep_scales_reps_to_the_request_and_draws_its_chart(tmp_path):
     out = tmp_path / "blocks.jsonl"
     assert main(["--sweep-blocks", "--sweep-block-size", "4KiB", "--patterns", "random",

@@ -9,5 +9,6 @@ void register_wire(pybind11::module_& m);
 void register_endpoint(pybind11::module_& m);
 void register_plan(pybind11::module_& m);  // plan/: block tables -> segments
 void register_ticket(pybind11::module_& m);
+void register_limits(pybind11::module_& m);  // net/loopback_floor: the kernel alone
 
 }  // namespace kvt::py_bind

@@ -12,4 +12,5 @@ PYBIND11_MODULE(_core, m) {
   kvt::py_bind::register_endpoint(m);
   kvt::py_bind::register_plan(m);
   kvt::py_bind::register_ticket(m);
+  kvt::py_bind::register_limits(m);
 }

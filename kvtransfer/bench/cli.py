@@ -321,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "fabric:tcp, ... (see kvtransfer doctor)")
     ap.add_argument("--connections", type=int, default=2, help="TCP connections per peer")
     ap.add_argument("--peers", type=csv, default=[], help=f"comma list of {', '.join(PEERS)}")
-    ap.add_argument("--limits", action="store_true", help="also measure iperf3 and memcpy")
+    ap.add_argument("--limits", action="store_true",
+                    help="also measure iperf3 and memcpy (and, beside latency rows, one 64 KiB "
+                         "message over bare loopback TCP sockets: the kernel's floor)")
     ap.add_argument("--reps", type=int, default=5, help="measured reps per workload (median)")
     ap.add_argument("--runs", type=int, default=1,
                     help="measure every system this many times, taking turns, and report each "
@@ -381,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table([r for r in records if r.get("workload") != "limits"]))
     for r in records:
         if r.get("workload") == "limits":
-            text = f"{r['gbps_p50']:.2f} GB/s" if "gbps_p50" in r else r.get("error")
-            print(f"limit: {r['system']:<20} {text}")
+            print(f"limit: {r['system']:<20} {limits.describe(r)}")
     for note in dict.fromkeys(f"{r['workload']}: {r['scaled']}" for r in records
                               if r.get("scaled")):
         print(f"note: {note}")
@@ -403,15 +404,21 @@ def _run_all(args: argparse.Namespace, workloads: list[tuple[Workload, str]],
     runs = [(w, note, label, module, kw) for w, note in workloads for _ in range(args.runs)
             for label, module, kw in _systems(args, w)]
     records: list[dict[str, Any]] = []
+    probes: list[tuple[Any, dict[str, Any]]] = []
+    if args.limits:  # on the host's loopback, also with --netns: the ceilings of this machine
+        probes = [(limits.iperf3_gbps, {"streams": 1}), (limits.iperf3_gbps, {"streams": 2}),
+                  (limits.memcpy_gbps, {})]
+        if any(w.name.startswith("latency") for w, *_ in runs):  # and the latency rows' floor
+            probes += [(limits.tcp_oneway_us, {"busy": False}),
+                       (limits.tcp_oneway_us, {"busy": True})]
     try:
         from tqdm import tqdm
-        bar = tqdm(total=len(runs) + (3 if args.limits else 0), unit="run",
+        bar = tqdm(total=len(runs) + len(probes), unit="run",
                    disable=args.no_progress, file=sys.stderr)
     except ImportError:
         bar = None
-    if args.limits:  # on the host's loopback, also with --netns: the ceilings of this machine
-        for fn, kw in ((limits.iperf3_gbps, {"streams": 1}), (limits.iperf3_gbps, {"streams": 2}),
-                       (limits.memcpy_gbps, {})):
+    if probes:
+        for fn, kw in probes:
             if bar:
                 bar.set_description(f"limit {fn.__name__}")
             records.append({**fn(**kw), "workload": "limits"})

@@ -1,5 +1,6 @@
 """What this machine can physically do, measured in the same run as the transfers: iperf3 over
-loopback (the TCP ceiling) and a single-thread memcpy (the same-host ceiling)."""
+loopback (the TCP ceiling), a single-thread memcpy (the same-host ceiling) and, beside the
+latency rows, one 64 KiB message over bare loopback TCP sockets (the kernel's floor)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,27 @@ def memcpy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> dict:
         results.append(nbytes / (time.perf_counter() - t0) / 1e9)
     return {"system": "memcpy (1 thread)", "gbps_p50": statistics.median(results),
             "gbps_all": results}
+
+
+def tcp_oneway_us(nbytes: int = 64 << 10, reps: int = 400, busy: bool = False) -> dict:
+    """The latency rows' floor: one-way times of ``nbytes`` between two threads over loopback
+    TCP with bare sockets and no library (kvtransfer._core.tcp_oneway_seconds), the sender asleep
+    for 1 ms before each message, as the idle prefill, or spinning (``busy``)."""
+    from kvtransfer import _core
+
+    system = f"bare TCP sockets, {nbytes >> 10} KiB one-way, sender {'busy' if busy else 'idle'}"
+    times = _core.tcp_oneway_seconds(nbytes, reps, 1000, busy)
+    if len(times) < reps:
+        return {"system": system, "error": f"only {len(times)} of {reps} messages arrived"}
+    us = sorted(t * 1e6 for t in times)
+    return {"system": system, "latency_us_p50": statistics.median(us),
+            "latency_us_p99": us[min(len(us) - 1, int(len(us) * 0.99))]}
+
+
+def describe(record: dict) -> str:
+    """A limit's figure as the tables show it: "3.52 GB/s", "21 µs p50 (p99 48)", or its error."""
+    if "gbps_p50" in record:
+        return f"{record['gbps_p50']:.2f} GB/s"
+    if "latency_us_p50" in record:
+        return f"{record['latency_us_p50']:.0f} µs p50 (p99 {record['latency_us_p99']:.0f})"
+    return str(record.get("error"))
