@@ -100,12 +100,15 @@ void TcpLink::post(std::unique_ptr<PreparedOp> op) {
   // Each frame goes to the connection with the fewest bytes queued, so a large transfer is
   // striped over all of them while a small one stays on one. All are placed before any is
   // sent: a sender thread that finished a frame meanwhile must not draw the next one back.
-  std::vector<uint64_t> load(conns_.size());
+  // The placement's scratch is the posting thread's own: no allocation on a write's path.
+  thread_local std::vector<uint64_t> load;
+  thread_local std::vector<Conn*> to;
+  load.resize(conns_.size());
   for (size_t i = 0; i < conns_.size(); ++i) {
     std::lock_guard<std::mutex> lock(conns_[i]->mu);
     load[i] = conns_[i]->queued_bytes;
   }
-  std::vector<Conn*> to(frames.size());
+  to.resize(frames.size());
   for (size_t k = 0; k < frames.size(); ++k) {
     size_t best = static_cast<size_t>(std::min_element(load.begin(), load.end()) - load.begin());
     load[best] += queue_charge(frames[k]);
