@@ -532,6 +532,7 @@ std::shared_ptr<TransferState> Endpoint::start(OpKind kind, PeerConn& peer, uint
   }
   uint64_t slot = next_slot_++;
   op.slot = slot;
+  op.bytes = bytes;
   op.local = local;
   auto x = std::make_shared<TransferState>(slot, peer.id, kind, bytes, timeout_s);
   x->has_notify = notify != nullptr;

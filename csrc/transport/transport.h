@@ -48,6 +48,7 @@ struct OpRequest {
   std::shared_ptr<const Region> local;
   RemoteRegion remote;
   std::vector<Segment> segments;
+  uint64_t bytes = 0;     // the segments' lengths summed
   bool checksum = false;  // crc32c over the payload too, verified where it lands
 };
 

@@ -60,9 +60,7 @@ std::unique_ptr<PreparedOp> TcpLink::prepare(OpRequest op) {
     frames.push_back(std::move(f));
   };
   open_frame();
-  uint64_t total = 0;
-  for (const Segment& s : op.segments) total += s.len;
-  const uint64_t cap = frame_cap(total, conns_.size());
+  const uint64_t cap = frame_cap(op.bytes, conns_.size());
   char* base = op.local->base;
   for (const Segment& s : op.segments) {
     uint64_t local_off = write ? s.src_off : s.dst_off;
