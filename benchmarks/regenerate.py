@@ -182,10 +182,11 @@ def latency_section(bench: list[str], peers: list[str], quick: bool) -> str:
         "that was idle; in `latency-64KiB-busy-prefill` it polls for its next command instead, "
         "so it posts from a busy CPU, as a prefill worker right after its forward pass.", "",
         transfer_table(recs), "",
-        "The kernel's floor, measured at the start of the same run: one 64 KiB message between "
-        "two threads over loopback TCP, bare sockets, no library and no Python "
-        "(`kvtransfer._core.tcp_oneway_seconds`; the sender asleep for 1 ms before each, or "
-        "spinning). Read the rows against it: on this shared VM it moves by 2x within an hour.",
+        "The kernel's floor, measured in turns with the rows (once per round of each row, its "
+        "median run shown): one 64 KiB message between two threads over loopback TCP, bare "
+        "sockets, no library and no Python (`kvtransfer._core.tcp_oneway_seconds`), the sender "
+        "asleep for 1 ms before each (as the idle prefill) or spinning (as the busy one). Read "
+        "the rows against it: on this shared VM it moves by 2x within an hour.",
         "",
         limits_lines(recs, latency=True), "",
         "Ratios (same runs):", "",

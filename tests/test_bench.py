@@ -202,6 +202,20 @@ def test_the_latency_rows_floor_is_one_bare_socket_message_between_two_threads()
         _core.tcp_oneway_seconds(0, 1, 0, True)
 
 
+def test_latency_rows_with_limits_measure_their_floor_in_turns_with_them(tmp_path):
+    out = tmp_path / "lat.jsonl"
+    assert main(["--workloads", "latency,latency-busy", "--limits", "--runs", "2",
+                 "--no-progress", "--json", str(out)]) == 0
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    floors = {r["system"]: r for r in recs if r["workload"] == "limits"}
+    # No bandwidth ceilings beside latency rows; a floor per prefill kind, the median of its runs.
+    assert set(floors) == {"bare TCP sockets, 64 KiB one-way, sender idle",
+                           "bare TCP sockets, 64 KiB one-way, sender busy"}
+    assert all(f["runs"] == 2 and f["latency_us_p50"] > 0 for f in floors.values())
+    rows = [r for r in recs if r["workload"] != "limits"]
+    assert len(rows) == 2 and all(r["verified"] and r["runs"] == 2 for r in rows)
+
+
 def test_blocks_per_request_sweep_scales_reps_to_the_request_and_draws_its_chart(tmp_path):
     out = tmp_path / "blocks.jsonl"
     assert main(["--sweep-blocks", "--sweep-block-size", "4KiB", "--patterns", "random",

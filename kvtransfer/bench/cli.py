@@ -322,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--connections", type=int, default=2, help="TCP connections per peer")
     ap.add_argument("--peers", type=csv, default=[], help=f"comma list of {', '.join(PEERS)}")
     ap.add_argument("--limits", action="store_true",
-                    help="also measure iperf3 and memcpy (and, beside latency rows, one 64 KiB "
-                         "message over bare loopback TCP sockets: the kernel's floor)")
+                    help="also measure the machine: iperf3 and memcpy beside bandwidth rows, "
+                         "and beside latency rows, in turns with them, one 64 KiB message over "
+                         "bare loopback TCP sockets (the kernel's floor)")
     ap.add_argument("--reps", type=int, default=5, help="measured reps per workload (median)")
     ap.add_argument("--runs", type=int, default=1,
                     help="measure every system this many times, taking turns, and report each "
@@ -401,36 +402,47 @@ def main(argv: list[str] | None = None) -> int:
 def _run_all(args: argparse.Namespace, workloads: list[tuple[Workload, str]],
              hosts: Any) -> list[dict[str, Any]]:
     # Round-robin over the systems, --runs times: drift on a shared host hits them all alike.
-    runs = [(w, note, label, module, kw) for w, note in workloads for _ in range(args.runs)
-            for label, module, kw in _systems(args, w)]
+    # With --limits, each round of a latency row also measures its floor (bare sockets, the
+    # sender idle or busy as the row's prefill), so that the floor drifts with the rows.
+    runs: list[tuple] = []  # (workload, note, label, module, kw), or (workload, None): a floor
+    for w, note in workloads:
+        for _ in range(args.runs):
+            if args.limits and w.name.startswith("latency"):
+                runs.append((w, None))
+            runs.extend((w, note, label, module, kw) for label, module, kw in _systems(args, w))
     records: list[dict[str, Any]] = []
     probes: list[tuple[Any, dict[str, Any]]] = []
-    if args.limits:  # on the host's loopback, also with --netns: the ceilings of this machine
+    if args.limits and not all(w.name.startswith("latency") for w, _ in workloads):
+        # On the host's loopback, also with --netns: the bandwidth ceilings of this machine.
         probes = [(limits.iperf3_gbps, {"streams": 1}), (limits.iperf3_gbps, {"streams": 2}),
                   (limits.memcpy_gbps, {})]
-        if any(w.name.startswith("latency") for w, *_ in runs):  # and the latency rows' floor
-            probes += [(limits.tcp_oneway_us, {"busy": False}),
-                       (limits.tcp_oneway_us, {"busy": True})]
     try:
         from tqdm import tqdm
         bar = tqdm(total=len(runs) + len(probes), unit="run",
                    disable=args.no_progress, file=sys.stderr)
     except ImportError:
         bar = None
-    if probes:
-        for fn, kw in probes:
-            if bar:
-                bar.set_description(f"limit {fn.__name__}")
-            records.append({**fn(**kw), "workload": "limits"})
-            if bar:
-                bar.update()
-    for w, note, label, module, kw in runs:
+    for fn, kw in probes:
         if bar:
-            bar.set_description(f"{label} {w.label}")
-        rec = _run_one(label, module, w, kw, hosts)
-        if note:
-            rec["scaled"] = note
-        records.append(rec)
+            bar.set_description(f"limit {fn.__name__}")
+        records.append({**fn(**kw), "workload": "limits"})
+        if bar:
+            bar.update()
+    for run in runs:
+        if len(run) == 2:
+            w = run[0]
+            if bar:
+                bar.set_description(f"limit floor {w.label}")
+            records.append({**limits.tcp_oneway_us(w.block_bytes, busy=w.initiator_busy),
+                            "workload": "limits"})
+        else:
+            w, note, label, module, kw = run
+            if bar:
+                bar.set_description(f"{label} {w.label}")
+            rec = _run_one(label, module, w, kw, hosts)
+            if note:
+                rec["scaled"] = note
+            records.append(rec)
         if bar:
             bar.update()
     if bar:
@@ -456,7 +468,7 @@ def median_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(runs) == 1:
             out.append(runs[0])
             continue
-        bad = [r for r in runs if not r.get("verified")]
+        bad = [r for r in runs if not r.get("verified") and r.get("workload") != "limits"]
         if bad:
             out.append(bad[0])
             continue

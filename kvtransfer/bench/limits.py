@@ -64,7 +64,7 @@ def memcpy_gbps(nbytes: int = 256 << 20, reps: int = 5) -> dict:
             "gbps_all": results}
 
 
-def tcp_oneway_us(nbytes: int = 64 << 10, reps: int = 400, busy: bool = False) -> dict:
+def tcp_oneway_us(nbytes: int = 64 << 10, reps: int = 200, busy: bool = False) -> dict:
     """The latency rows' floor: one-way times of ``nbytes`` between two threads over loopback
     TCP with bare sockets and no library (kvtransfer._core.tcp_oneway_seconds), the sender asleep
     for 1 ms before each message, as the idle prefill, or spinning (``busy``)."""
@@ -75,7 +75,8 @@ def tcp_oneway_us(nbytes: int = 64 << 10, reps: int = 400, busy: bool = False) -
     if len(times) < reps:
         return {"system": system, "error": f"only {len(times)} of {reps} messages arrived"}
     us = sorted(t * 1e6 for t in times)
-    return {"system": system, "latency_us_p50": statistics.median(us),
+    p50 = statistics.median(us)
+    return {"system": system, "latency_us_p50": p50, "latency_s_p50": p50 * 1e-6,
             "latency_us_p99": us[min(len(us) - 1, int(len(us) * 0.99))]}
 
 
