@@ -74,6 +74,8 @@ DEFAULT_LAYERS = 32
 PEERS = {  # --peers name -> (module, variants)
     "nixl": ("kvtransfer.bench.peers.nixl", ["nixl-ucx-tcp", "nixl-ucx-default"]),
     "mooncake": ("kvtransfer.bench.peers.mooncake", ["mooncake-tcp"]),
+    # No library: the latency rows' floor with the bench's own Python in it (small writes only).
+    "bare-tcp": ("kvtransfer.bench.peers.bare_tcp", ["bare-tcp"]),
 }
 # Where both sides spin (the latency write), NIXL is also measured at its best on 2 cores: no
 # progress thread, the spinning caller driving UCX (system name "<variant>-noprogthread"). Not
