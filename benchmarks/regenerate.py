@@ -162,6 +162,8 @@ def latency_section(bench: list[str], peers: list[str], quick: bool) -> str:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     # The latency row drifts most between runs (where each process lands on 2 cores): every
     # system is measured LATENCY_RUNS times, taking turns, and its median run is reported.
+    # bare-tcp: the same harness over bare sockets, so a row minus it is what the library adds.
+    peers = ["--peers", f"{peers[1]},bare-tcp"] if peers else ["--peers", "bare-tcp"]
     cmd = [*bench, *peers, "--limits", "--workloads", "latency,latency-busy,latency-sleeping",
            "--transport", "tcp,cma",
            "--runs", "3" if quick else str(LATENCY_RUNS), "--json", str(out)]
@@ -182,6 +184,10 @@ def latency_section(bench: list[str], peers: list[str], quick: bool) -> str:
         "that was idle; in `latency-64KiB-busy-prefill` it polls for its next command instead, "
         "so it posts from a busy CPU, as a prefill worker right after its forward pass.", "",
         transfer_table(recs), "",
+        "`bare-tcp` is no library: the same harness over one bare TCP socket (the prefill side "
+        "`sendall`s the block, the decode side `recv_into`s it straight into place, spinning or "
+        "blocking as the row's decode side), so a row's time minus bare-tcp's is what that "
+        "library adds.", "",
         "The kernel's floor, measured in turns with the rows (once per round of each row, its "
         "median run shown): one 64 KiB message between two threads over loopback TCP, bare "
         "sockets, no library and no Python (`kvtransfer._core.tcp_oneway_seconds`), the sender "

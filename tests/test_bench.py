@@ -216,6 +216,16 @@ def test_latency_rows_with_limits_measure_their_floor_in_turns_with_them(tmp_pat
     assert len(rows) == 2 and all(r["verified"] and r["runs"] == 2 for r in rows)
 
 
+def test_bare_sockets_run_the_latency_rows_verified_and_refuse_bulk(tmp_path):
+    out = tmp_path / "bare.jsonl"
+    assert main(["--workloads", "latency-busy,latency-sleeping,4KiBx16384", "--transport", "tcp",
+                 "--peers", "bare-tcp", "--reps", "2", "--no-progress", "--json", str(out)]) == 0
+    recs = {(r["system"], r["workload"]): r for r in map(json.loads, out.read_text().splitlines())}
+    for w in ("latency-64KiB-busy-prefill", "latency-64KiB-sleeping-decode"):
+        assert recs["bare-tcp", w]["verified"] is True and recs["bare-tcp", w]["reps"] == 200
+    assert "not a transport" in recs["bare-tcp", "4KiBx16384-random"]["unsupported"]
+
+
 def test_blocks_per_request_sweep_scales_reps_to_the_request_and_draws_its_chart(tmp_path):
     out = tmp_path / "blocks.jsonl"
     assert main(["--sweep-blocks", "--sweep-block-size", "4KiB", "--patterns", "random",
