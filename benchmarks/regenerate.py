@@ -155,7 +155,7 @@ def fabric_section(quick: bool) -> str:
 LATENCY_HEADING = "## Latency: one 64 KiB write -> target notified"
 
 
-def latency_section(bench: list[str], peers: list[str], quick: bool) -> str:
+def latency_section(bench: list[str], peer_names: list[str], quick: bool) -> str:
     """Runs the latency rows beside the peers and returns their BENCHMARKS.md section."""
     out = OUT / "latency.jsonl"
     out.unlink(missing_ok=True)
@@ -163,7 +163,7 @@ def latency_section(bench: list[str], peers: list[str], quick: bool) -> str:
     # The latency row drifts most between runs (where each process lands on 2 cores): every
     # system is measured LATENCY_RUNS times, taking turns, and its median run is reported.
     # bare-tcp: the same harness over bare sockets, so a row minus it is what the library adds.
-    peers = ["--peers", f"{peers[1]},bare-tcp"] if peers else ["--peers", "bare-tcp"]
+    peers = ["--peers", ",".join([*peer_names, "bare-tcp"])]
     cmd = [*bench, *peers, "--limits", "--workloads", "latency,latency-busy,latency-sleeping",
            "--transport", "tcp,cma",
            "--runs", "3" if quick else str(LATENCY_RUNS), "--json", str(out)]
@@ -289,14 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     reps = "3" if args.quick else "5"
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     bench = [PY, "-m", "kvtransfer.bench", "--reps", reps]
-    peers = [] if args.skip_peers else ["--peers", "nixl,mooncake"]
+    peer_names = [] if args.skip_peers else ["nixl", "mooncake"]
+    peers = ["--peers", ",".join(peer_names)] if peer_names else []
     sys.path.insert(0, str(ROOT))  # the children run from ROOT; this process from benchmarks/
     if args.only_models:
         replace_section(MODELS_HEADING, model_section(bench, peers))
         print("updated the model-shaped section of BENCHMARKS.md")
         return 0
     if args.only_latency:
-        replace_section(LATENCY_HEADING, latency_section(bench, peers, args.quick))
+        replace_section(LATENCY_HEADING, latency_section(bench, peer_names, args.quick))
         print("updated the latency section of BENCHMARKS.md")
         return 0
     for f in OUT.glob("*.jsonl"):
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--runs", "1" if args.quick else "5",
                 "--json", str(OUT / "transfers.jsonl"), "--plot", "docs/bench"]
     run(main_cmd)
-    latency = latency_section(bench, peers, args.quick)
+    latency = latency_section(bench, peer_names, args.quick)
     sweep_cmd = [*bench, "--sweep", "--patterns", "random", "--transport", "tcp,cma", *peers,
                  "--limits", "--json", str(OUT / "sweep.jsonl"), "--plot", "docs/bench"]
     run(sweep_cmd)

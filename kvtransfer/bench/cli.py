@@ -406,11 +406,12 @@ def _run_all(args: argparse.Namespace, workloads: list[tuple[Workload, str]],
     # Round-robin over the systems, --runs times: drift on a shared host hits them all alike.
     # With --limits, each round of a latency row also measures its floor (bare sockets, the
     # sender idle or busy as the row's prefill), so that the floor drifts with the rows.
-    runs: list[tuple] = []  # (workload, note, label, module, kw), or (workload, None): a floor
+    # (workload, note, label, module, kw); module None: the row's floor.
+    runs: list[tuple[Workload, str, str, str | None, dict[str, Any]]] = []
     for w, note in workloads:
         for _ in range(args.runs):
             if args.limits and w.name.startswith("latency"):
-                runs.append((w, None))
+                runs.append((w, note, "floor", None, {}))
             runs.extend((w, note, label, module, kw) for label, module, kw in _systems(args, w))
     records: list[dict[str, Any]] = []
     probes: list[tuple[Any, dict[str, Any]]] = []
@@ -430,17 +431,13 @@ def _run_all(args: argparse.Namespace, workloads: list[tuple[Workload, str]],
         records.append({**fn(**kw), "workload": "limits"})
         if bar:
             bar.update()
-    for run in runs:
-        if len(run) == 2:
-            w = run[0]
-            if bar:
-                bar.set_description(f"limit floor {w.label}")
+    for w, note, label, module, kw in runs:
+        if bar:
+            bar.set_description(f"{label} {w.label}")
+        if module is None:
             records.append({**limits.tcp_oneway_us(w.block_bytes, busy=w.initiator_busy),
                             "workload": "limits"})
         else:
-            w, note, label, module, kw = run
-            if bar:
-                bar.set_description(f"{label} {w.label}")
             rec = _run_one(label, module, w, kw, hosts)
             if note:
                 rec["scaled"] = note

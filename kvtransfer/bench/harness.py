@@ -266,7 +266,7 @@ class RepResult:
     bad_blocks: int
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
@@ -306,12 +306,12 @@ def summarize(
         "sweep": workload.sweep,
         "gbps_p50": statistics.median(gb / t for t in lat),
         "gbps_all": [gb / t for t in lat],
-        "latency_s_p50": _percentile(lat, 50),
-        "latency_s_p99": _percentile(lat, 99),
-        "last_post_to_done_s_p50": _percentile(tail, 50),
-        "last_post_to_done_s_p99": _percentile(tail, 99),
-        "post_span_s_p50": _percentile([r.post_span_s for r in reps], 50),
-        "initiator_complete_s_p50": _percentile([r.initiator_complete_s for r in reps], 50),
+        "latency_s_p50": percentile(lat, 50),
+        "latency_s_p99": percentile(lat, 99),
+        "last_post_to_done_s_p50": percentile(tail, 50),
+        "last_post_to_done_s_p99": percentile(tail, 99),
+        "post_span_s_p50": percentile([r.post_span_s for r in reps], 50),
+        "initiator_complete_s_p50": percentile([r.initiator_complete_s for r in reps], 50),
         "cpu_s_per_gb_initiator": sum(r.cpu_initiator_s for r in reps) / (gb * len(reps)),
         "cpu_s_per_gb_target": sum(r.cpu_target_s for r in reps) / (gb * len(reps)),
         "verified": True,
