@@ -1,5 +1,8 @@
 #include "transport/waiter_readers.h"
 
+#include <sys/epoll.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <cstring>
 #include <string>
@@ -7,24 +10,74 @@
 #include "core/error.h"
 
 namespace kvt {
+namespace {
 
-void WaiterReaders::begin(const std::vector<Reader*>& readers, bool sleeps) {
-  if (sleeps) sleepers_.fetch_add(1);
-  readers_.fetch_add(1);
-  for (Reader* r : readers) {
-    if (r->polling.load()) r->kick.signal();
+[[noreturn]] void epoll_failed(const char* what) {
+  fail(ErrorCode::kTransport, std::string(what) + " on an inbound connection failed: " +
+                                  std::strerror(errno));
+}
+
+}  // namespace
+
+WaiterReaders::Reader::Reader(int fd) : fd(fd), epoll_fd_(::epoll_create1(EPOLL_CLOEXEC)) {
+  if (epoll_fd_ < 0) epoll_failed("epoll_create1");
+  struct epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = kick_.fd();
+  if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, kick_.fd(), &ev) != 0) {
+    const int err = errno;
+    ::close(epoll_fd_);
+    errno = err;
+    epoll_failed("epoll_ctl");
   }
+}
+
+WaiterReaders::Reader::~Reader() { ::close(epoll_fd_); }
+
+bool WaiterReaders::arm(Reader& r) {
+  const bool want = readers_ == 0 || r.handoff.load();
+  if (want == r.armed_) return true;
+  struct epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = r.fd;
+  // Adding a socket that holds data makes it ready at once: its thread wakes for it.
+  if (::epoll_ctl(r.epoll_fd_, want ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, r.fd, &ev) != 0) return false;
+  r.armed_ = want;
+  return true;
+}
+
+// A socket that could not be moved is its thread's to report: kicked, it tries again in wait().
+void WaiterReaders::arm_all() {
+  for (Reader* r : joined_readers_) {
+    if (!arm(*r)) r->kick_.signal();
+  }
+}
+
+void WaiterReaders::begin(bool sleeps) {
+  if (sleeps) sleepers_.fetch_add(1);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (readers_++ == 0) arm_all();
 }
 
 void WaiterReaders::end(bool sleeps) {
   if (sleeps) sleepers_.fetch_sub(1);
-  if (readers_.fetch_sub(1) == 1) wake_parked();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (--readers_ == 0) arm_all();
 }
 
 // The caller marked the connection served first; a sleeper counted itself before it listed
 // the served ones. So either it listed this one or this sees it and wakes it.
-void WaiterReaders::joined() {
+void WaiterReaders::joined(Reader& r) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    joined_readers_.insert(&r);
+  }
   if (sleepers_.load() > 0) joined_.signal();
+}
+
+void WaiterReaders::left(Reader& r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  joined_readers_.erase(&r);
 }
 
 void WaiterReaders::sleep(std::vector<struct pollfd>& fds, int wake_fd, int timeout_ms) {
@@ -38,39 +91,30 @@ void WaiterReaders::sleep(std::vector<struct pollfd>& fds, int wake_fd, int time
   if (fds.back().revents & POLLIN) joined_.clear();
 }
 
+// What it hands back may not make the socket readable (a failure met by the waiter): the kick
+// wakes the thread whatever the socket holds.
 void WaiterReaders::hand_back(Reader& r) {
   r.handoff.store(true);
-  wake_parked();
+  r.kick_.signal();
 }
 
-void WaiterReaders::stop() { wake_parked(); }
-
-void WaiterReaders::wake_parked() {
-  { std::lock_guard<std::mutex> lock(park_mu_); }  // a thread deciding to park sees the change
-  park_cv_.notify_all();
+void WaiterReaders::stop() {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (Reader* r : joined_readers_) r->kick_.signal();
 }
 
 void WaiterReaders::wait(Reader& r, const std::atomic<bool>& stopping) {
-  auto parked = [&] { return readers_.load() > 0 && !r.handoff.load() && !stopping.load(); };
-  if (parked()) {
-    std::unique_lock<std::mutex> lock(park_mu_);
-    park_cv_.wait(lock, [&] { return !parked(); });
-    return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopping.load()) return;  // stop() kicks only after `stopping` is set: checked here
+    if (!arm(r)) epoll_failed("epoll_ctl");
   }
-  // Either a waiter starting to read sees `polling` and kicks, or this sees the waiter.
-  r.polling.store(true);
-  if (parked()) {
-    r.polling.store(false);
-    return;
+  struct epoll_event evs[2];
+  int n = ::epoll_wait(r.epoll_fd_, evs, 2, -1);
+  if (n < 0 && errno != EINTR) epoll_failed("epoll_wait");
+  for (int i = 0; i < n; ++i) {
+    if (evs[i].data.fd == r.kick_.fd()) r.kick_.clear();
   }
-  struct pollfd pfds[2] = {{r.fd, POLLIN, 0}, {r.kick.fd(), POLLIN, 0}};
-  int rc = ::poll(pfds, 2, -1);
-  r.polling.store(false);
-  if (rc < 0 && errno != EINTR) {
-    fail(ErrorCode::kTransport, std::string("poll on an inbound connection failed: ") +
-                                    std::strerror(errno));
-  }
-  if (pfds[1].revents & POLLIN) r.kick.clear();
 }
 
 }  // namespace kvt

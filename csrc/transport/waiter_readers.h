@@ -1,16 +1,18 @@
 // Hands the reading of a transport's inbound connections to a thread that waits for a
 // notification (Transport::reader_begin / poll_inbound / sleep_inbound / reader_end), and back.
 // Every connection has a Reader; its own thread reads whenever it holds `mu`, and between reads
-// calls wait(), which sleeps on the socket while no waiter reads and away from it while one
-// does, so that an arriving message wakes no connection thread: the waiter, which try-locks
-// `mu`, reads it, spinning or asleep on the sockets itself (sleep()).
+// sleeps in wait(), in epoll on its socket while no waiter reads and on nothing but its kick
+// while one does. Its socket is taken out of (and put back into) that epoll set by the waiters
+// themselves: epoll_ctl wakes nobody, so a spinning waiter's start and end cost the sleeping
+// connection threads nothing, and an arriving message wakes no connection thread either: the
+// waiter, which try-locks `mu`, reads it, spinning or asleep on the sockets itself (sleep()).
 #pragma once
 
 #include <poll.h>
 
 #include <atomic>
-#include <condition_variable>
 #include <mutex>
+#include <set>
 #include <vector>
 
 #include "net/event_fd.h"
@@ -19,22 +21,35 @@ namespace kvt {
 
 class WaiterReaders {
  public:
-  struct Reader {
-    explicit Reader(int fd) : fd(fd) {}
+  class Reader {
+   public:
+    explicit Reader(int fd);  // fd: the connection's socket, which stays its owner's
+    ~Reader();
+    Reader(const Reader&) = delete;
+    Reader& operator=(const Reader&) = delete;
+
     const int fd;
-    net::EventFd kick;                 // wakes its thread out of poll() when a waiter starts
-    std::atomic<bool> polling{false};  // its thread sleeps in poll() on the socket
     std::atomic<bool> handoff{false};  // a reading waiter left what is queued to the thread
     std::mutex mu;                     // held by whoever reads: its thread or a waiter
+
+   private:
+    friend class WaiterReaders;
+    net::EventFd kick_;  // wakes its thread: a hand-back, or stop()
+    int epoll_fd_;       // kick_, and the socket while armed_
+    bool armed_ = false;  // under WaiterReaders::mu_
   };
 
-  // A waiter starts reading (`sleeps`: between polls it sleeps in sleep()): threads sleeping on
-  // their sockets are moved off them.
-  void begin(const std::vector<Reader*>& readers, bool sleeps);
-  // A reading waiter ended; the last one sends the threads back to their sockets.
+  // A waiter starts reading (`sleeps`: between polls it sleeps in sleep()): the first one takes
+  // every joined connection's socket out of its thread's epoll set.
+  void begin(bool sleeps);
+  // A reading waiter ended; the last one puts the sockets back (a thread whose socket holds
+  // data wakes).
   void end(bool sleeps);
-  // The transport serves a new connection: a sleeping waiter wakes to watch its socket too.
-  void joined();
+  // The transport serves a new connection, read by `r`'s thread from now on until left(r): a
+  // sleeping waiter wakes to watch its socket too.
+  void joined(Reader& r);
+  // `r`'s thread stops reading (its connection ended); before `r` is destroyed.
+  void left(Reader& r);
   // A sleeping waiter blocks in poll() on `fds` (the sockets it may read), on `wake_fd` and on
   // joined(), for up to `timeout_ms`. Throws TransportError if poll() fails.
   void sleep(std::vector<struct pollfd>& fds, int wake_fd, int timeout_ms);
@@ -42,20 +57,24 @@ class WaiterReaders {
   // of file): the connection's own thread reads what is queued, then hands it back.
   void hand_back(Reader& r);
   // The connection's thread found nothing to read (and cleared `handoff` under `mu`): returns
-  // when its socket may be readable and no waiter is reading it, or when `stopping` is set.
-  // Throws TransportError if poll() fails.
+  // when its socket may be readable and no waiter is reading it, when it was handed back, or
+  // when `stopping` is set. Throws TransportError if epoll fails.
   void wait(Reader& r, const std::atomic<bool>& stopping);
-  // After `stopping` was set: wakes every thread parked in wait().
+  // After `stopping` was set: wakes every thread in wait().
   void stop();
 
  private:
-  void wake_parked();
+  // Puts r's socket in its epoll set or takes it out, as its thread should wake for data:
+  // when no waiter reads, or when one handed it back. Under mu_; false (errno set) if
+  // epoll_ctl failed.
+  bool arm(Reader& r);
+  void arm_all();
 
-  std::atomic<int> readers_{0};
+  std::mutex mu_;  // readers_, joined_readers_ and every Reader's armed_
+  int readers_ = 0;
+  std::set<Reader*> joined_readers_;
   std::atomic<int> sleepers_{0};
   net::EventFd joined_;
-  std::mutex park_mu_;
-  std::condition_variable park_cv_;
 };
 
 }  // namespace kvt

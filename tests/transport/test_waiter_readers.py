@@ -3,6 +3,7 @@ data itself on TCP and cma, sleeping in poll() on the connections between reads,
 transfer wakes one thread, the waiter, not a transport thread and then the waiter. It must get
 everything a waiter sleeping on the queue gets: every notification, pushed by any thread, from
 connections opened after it fell asleep; and it leaves bulk traffic to the transport's threads.
+Handing the connections to a waiter and back wakes none of the connection threads.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +75,54 @@ def test_a_sleeping_waiter_reads_small_writes_itself(transport):
         assert stats["spin_reads"] == 0
         # Its ACKs are sent for it: every initiator sees DONE.
         assert initiator.stats()["transfers_done"] == 40
+
+
+def _inbound_thread_switches(transport: str) -> tuple[int, int]:
+    """(threads, context switches so far) of this process's inbound connection threads."""
+    threads = switches = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() != f"kvt-{transport}-in":
+                continue
+            status = (task / "status").read_text()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        threads += 1
+        switches += sum(int(line.split()[1]) for line in status.splitlines()
+                        if line.startswith(("voluntary_ctxt", "nonvoluntary_ctxt")))
+    return threads, switches
+
+
+@pytest.mark.parametrize("spin", [5.0, 0.0], ids=["spinning", "sleeping"])
+def test_waiters_starting_and_ending_wake_no_connection_thread(transport, spin):
+    # On 2 cores each such wake-up (two per connection per wait, as it once was) lands, as often
+    # as not, in the middle of the next transfer it was meant to speed up.
+    with _pair(transport) as (target, initiator, rs, rd, src, dst):
+        peer = initiator.connect(target.info())
+        initiator.write(peer, rs, rd.id, [[0, 0, 4096]], notify=b"warm").wait(5)
+        target.wait_notification(b"warm", timeout=5)
+        tags = [b"w%d" % i for i in range(50)]
+        time.sleep(0.05)
+        threads, before = _inbound_thread_switches(transport)
+        assert threads >= 1, "the inbound connection threads are named for ps and top"
+        def wait_each() -> list:
+            got = []
+            for t in tags:
+                got.append(target.wait_notification(t, timeout=5, spin=spin))
+                time.sleep(0.001)  # its end, handed off, runs before the next wait starts
+            return got
+
+        waiter, out = _in_thread(wait_each)
+        for i, tag in enumerate(tags):
+            time.sleep(0.003)  # the waiter reads the connections by now
+            off = i * 65536
+            initiator.write(peer, rs, rd.id, [[off, off, 65536]], notify=tag).wait(5)
+        waiter.join(10)
+        time.sleep(0.05)  # the waits' ends, handed off, are done
+        _, after = _inbound_thread_switches(transport)
+        assert out.get("result") and [n.payload for n in out["result"]] == tags, out.get("error")
+        assert (dst[:50 * 65536] == src[:50 * 65536]).all()
+        assert after - before < 10, f"{after - before} context switches of connection threads"
 
 
 def test_a_connection_opened_while_a_waiter_sleeps_is_read_at_once(transport):

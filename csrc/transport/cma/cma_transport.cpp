@@ -1,5 +1,6 @@
 #include "transport/cma/cma_transport.h"
 
+#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -232,6 +233,7 @@ void CmaTransport::accept_loop() {
 }
 
 void CmaTransport::serve(std::shared_ptr<Session> s) {
+  ::pthread_setname_np(::pthread_self(), "kvt-cma-in");
   try {
     // A connection that does not present a live session token in time is dropped.
     set_recv_timeout(s->sock, kHelloTimeoutS);
@@ -256,7 +258,7 @@ void CmaTransport::serve(std::shared_ptr<Session> s) {
     send_msg(s->sock, MsgType::kWelcome, 0, 0, "", {table_.fd(), s->board->fd()});
     set_recv_timeout(s->sock, 0);
     s->serving.store(true);
-    handover_.joined();
+    handover_.joined(s->io);
     serve_records(*s);
   } catch (const Error& e) {
     if (!stopping_.load()) ctx_.sink.on_link_failed(s->peer, e);
@@ -270,6 +272,7 @@ void CmaTransport::serve(std::shared_ptr<Session> s) {
     } catch (const Error&) {
     }
   }
+  handover_.left(s->io);
   s->gone.store(true);
   std::lock_guard<std::mutex> lock(mu_);
   sessions_.erase(s.get());
@@ -346,10 +349,8 @@ void CmaTransport::set_polled(bool on) {
 }
 
 bool CmaTransport::reader_begin(bool sleeps) {
-  std::vector<WaiterReaders::Reader*> readers;
+  handover_.begin(sleeps);
   std::lock_guard<std::mutex> lock(mu_);
-  for (auto& [_, s] : sessions_) readers.push_back(&s->io);
-  handover_.begin(readers, sleeps);
   if (!sleeps && spinners_++ == 0) set_polled(true);
   return true;
 }

@@ -1,5 +1,6 @@
 #include "transport/tcp/tcp_transport.h"
 
+#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
@@ -108,6 +109,7 @@ void TcpTransport::accept_loop() {
 }
 
 void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
+  ::pthread_setname_np(::pthread_self(), "kvt-tcp-in");
   try {
     // Who is this? A connection that does not present a live session token in time is dropped.
     set_recv_timeout(conn->sock, kHelloTimeoutS);
@@ -128,11 +130,12 @@ void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
     }
     set_recv_timeout(conn->sock, 0);
     conn->serving.store(true);
-    handover_.joined();
+    handover_.joined(conn->io);
     serve_frames(*conn);
   } catch (const Error& e) {
     if (!stopping_.load()) ctx_.sink.on_link_failed(conn->peer, e);
   }
+  handover_.left(conn->io);
   {
     std::lock_guard<std::mutex> lock(conn->io.mu);  // a reading waiter reads no more of it
     conn->ended = true;
@@ -173,10 +176,7 @@ void TcpTransport::serve_frames(Inbound& conn) {
 }
 
 bool TcpTransport::reader_begin(bool sleeps) {
-  std::vector<WaiterReaders::Reader*> readers;
-  std::lock_guard<std::mutex> lock(mu_);
-  for (auto& [_, c] : inbound_) readers.push_back(&c->io);
-  handover_.begin(readers, sleeps);
+  handover_.begin(sleeps);
   return true;
 }
 
