@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from server_log import log_excerpt
 
 REPO = Path(__file__).resolve().parents[3]
 VLLM_VENV = Path(os.environ.get("KVT_VLLM_VENV", REPO / ".venv-vllm"))
@@ -56,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
     if reason is None:
         return
     for item in items:
-        if "vllm" in item.keywords:
+        if item.get_closest_marker("vllm"):  # not `keywords`: they hold this folder's name too
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
@@ -277,14 +278,11 @@ class VLLMServer:
         return self
 
     def log_tail(self, n: int = 40) -> str:
-        """The first error lines (the root cause) and the last ``n`` lines of the log."""
+        """The log's root cause and its last ``n`` lines (log_excerpt)."""
         try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
+            return log_excerpt(self.log_path.read_text(errors="replace").splitlines(), n)
         except OSError:
             return ""
-        errors = [ln for ln in lines if " ERROR " in ln or ln.startswith(("Error", "RuntimeError"))]
-        return "\n".join(["--- first errors ---", *errors[:12], f"--- last {n} lines ---",
-                          *lines[-n:]])
 
     def wait_healthy(self, timeout: float = HEALTH_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
