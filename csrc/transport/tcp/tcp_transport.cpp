@@ -339,10 +339,13 @@ bool TcpTransport::poll_inbound() {
       }
     } catch (const Error& e) {
       // Ended here, reported here: the connection's thread sees `ended` and leaves quietly.
+      // Reported before the socket is shut: a peer that sees it shut may close its session,
+      // and the failure of a peer already gone is not recorded (a hostile frame's went
+      // unrecorded when this waiter lost the core in between).
       c->ended = true;
+      if (!stopping_.load()) ctx_.sink.on_link_failed(c->peer, e);
       c->sock.shutdown_both();
       handover_.hand_back(c->io);
-      if (!stopping_.load()) ctx_.sink.on_link_failed(c->peer, e);
     }
   }
   return handled;
