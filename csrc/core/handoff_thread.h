@@ -1,6 +1,7 @@
 // A thread that runs work handed off by a latency-critical thread: a waiter that read inbound
-// data and found its notification leaves what it still owes (acknowledgements to send, the transport's threads
-// to wake) here and returns at once. Jobs run in order; after stop() a job runs on the caller.
+// data and found its notification leaves what it still owes (acknowledgements to send, the
+// connections to give back to the transport's threads) here and returns at once. Jobs run in
+// order; after stop() a job runs on the caller.
 #pragma once
 
 #include <sys/resource.h>
@@ -13,6 +14,8 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+
+#include "core/thread_name.h"
 
 namespace kvt {
 
@@ -77,6 +80,7 @@ class HandoffThread {
   static constexpr auto kLinger = std::chrono::seconds(1);
 
   void loop() {
+    name_this_thread("kvt-handoff");
     // Lowest priority: woken on a busy core it would otherwise preempt the very thread that
     // handed the work off, before that thread returned (measured: +33 µs on a 64 KiB
     // notification). Its jobs are small; even on a saturated host they run within milliseconds.

@@ -9,15 +9,19 @@
 #include <mutex>
 #include <thread>
 
+#include "core/thread_name.h"
+
 namespace kvt {
 
 class ThreadSet {
  public:
   ~ThreadSet() { join_all(); }
 
-  void spawn(std::function<void()> fn) {
+  // Starts fn() on a thread named `name` (a string literal: name_this_thread).
+  void spawn(const char* name, std::function<void()> fn) {
     auto done = std::make_shared<std::atomic<bool>>(false);
-    std::thread t([fn = std::move(fn), done] {
+    std::thread t([name, fn = std::move(fn), done] {
+      name_this_thread(name);
       fn();
       done->store(true);
     });

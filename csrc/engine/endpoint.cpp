@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "auth/hmac_sha256.h"
+#include "core/thread_name.h"
 #include "net/socket.h"
 #include "wire/version.h"
 
@@ -82,8 +83,11 @@ Endpoint::Endpoint(EndpointOptions options)
   carries_begin_ = transport_->caps().carries_begin;
   listener_ = net::listen_tcp(hp.host, hp.port);
   address_ = net::local_address(listener_);
-  threads_.spawn([this] { accept_loop(); });
-  watchdog_ = std::thread([this] { watchdog_loop(); });
+  threads_.spawn("kvt-accept", [this] { accept_loop(); });
+  watchdog_ = std::thread([this] {
+    name_this_thread("kvt-watchdog");
+    watchdog_loop();
+  });
 }
 
 Endpoint::~Endpoint() { close(); }
@@ -166,7 +170,7 @@ std::shared_ptr<PeerConn> Endpoint::connect(const std::string& info_or_address, 
     peers_[peer->id] = peer;
   }
   stats_.peers++;
-  threads_.spawn([this, peer] { serve_peer(peer, false); });
+  threads_.spawn("kvt-control", [this, peer] { serve_peer(peer, false); });
   return peer;
 }
 
@@ -289,7 +293,7 @@ void Endpoint::accept_loop() {
       if (closing_) return;
       peers_[peer->id] = peer;
     }
-    threads_.spawn([this, peer] { serve_peer(peer, true); });
+    threads_.spawn("kvt-control", [this, peer] { serve_peer(peer, true); });
   }
 }
 

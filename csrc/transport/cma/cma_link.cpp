@@ -1,6 +1,5 @@
 #include "transport/cma/cma_link.h"
 
-#include <pthread.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -40,17 +39,10 @@ CmaLink::CmaLink(TransportSink& sink, uint64_t peer, net::Socket sock, pid_t pid
                  std::unique_ptr<RegionTableView> table, int workers)
     : sink_(sink), peer_(peer), sock_(std::move(sock)), pid_(pid), table_(std::move(table)) {
   if (char* area = table_->ring_area()) ring_ = std::make_unique<ArrivalRing>(area);
-  // Named, so a stack dump or /proc/PID/task tells the copy threads apart.
   for (int i = 0; i < std::max(1, workers); ++i) {
-    threads_.spawn([this] {
-      ::pthread_setname_np(::pthread_self(), "kvt-cma-copy");
-      worker_loop();
-    });
+    threads_.spawn("kvt-cma-copy", [this] { worker_loop(); });
   }
-  threads_.spawn([this] {
-    ::pthread_setname_np(::pthread_self(), "kvt-cma-watch");
-    watch_loop();
-  });
+  threads_.spawn("kvt-cma-watch", [this] { watch_loop(); });
 }
 
 CmaLink::~CmaLink() { close(); }

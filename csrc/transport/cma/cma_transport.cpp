@@ -1,6 +1,5 @@
 #include "transport/cma/cma_transport.h"
 
-#include <pthread.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -94,7 +93,7 @@ CmaTransport::CmaTransport(TransportContext ctx) : ctx_(std::move(ctx)) {
   a.socket = "kvtransfer-cma-" + std::to_string(a.pid) + "-" + hex(auth::random_bytes(8));
   listener_ = listen_abstract(a.socket);
   address_ = encode_address(a);
-  threads_.spawn([this] { accept_loop(); });
+  threads_.spawn("kvt-cma-accept", [this] { accept_loop(); });
 }
 
 CmaTransport::~CmaTransport() { shutdown(); }
@@ -228,12 +227,11 @@ void CmaTransport::accept_loop() {
       if (stopping_.load()) return;
       sessions_[s.get()] = s;
     }
-    threads_.spawn([this, s] { serve(s); });
+    threads_.spawn("kvt-cma-in", [this, s] { serve(s); });
   }
 }
 
 void CmaTransport::serve(std::shared_ptr<Session> s) {
-  ::pthread_setname_np(::pthread_self(), "kvt-cma-in");
   try {
     // A connection that does not present a live session token in time is dropped.
     set_recv_timeout(s->sock, kHelloTimeoutS);

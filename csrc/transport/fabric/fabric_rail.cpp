@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "core/error.h"
+#include "core/thread_name.h"
 #include "transport/fabric/fabric_mr.h"
 #include "transport/fabric/fabric_wire.h"
 
@@ -171,7 +172,10 @@ void Rail::open() {
   const std::string prov = info_->fabric_attr->prov_name;
   shares_local_memory_ = prov == "shm" || prov == "efa";
   if (shares_local_memory_) LocalPeers::instance().opened(address_);
-  thread_ = std::thread([this] { completion_loop(); });
+  thread_ = std::thread([this] {
+    name_this_thread("kvt-fab-cq");
+    completion_loop();
+  });
 }
 
 // One AV entry per distinct peer address, shared and counted: a peer that connects and closes

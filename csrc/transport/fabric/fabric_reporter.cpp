@@ -1,9 +1,14 @@
 #include "transport/fabric/fabric_reporter.h"
 
+#include "core/thread_name.h"
+
 namespace kvt::fabric {
 
 DeferredReports::DeferredReports(TransportSink& sink) : sink_(sink) {
-  thread_ = std::thread([this] { loop(); });
+  thread_ = std::thread([this] {
+    name_this_thread("kvt-fab-report");
+    loop();
+  });
 }
 
 DeferredReports::~DeferredReports() { stop(); }

@@ -24,7 +24,7 @@ class FaultLink : public DataLink {
  public:
   FaultLink(FaultInjector& owner, TransportSink& sink, uint64_t peer, std::unique_ptr<DataLink> inner)
       : owner_(owner), sink_(sink), peer_(peer), inner_(std::move(inner)), rng_(owner.next_seed()) {
-    if (owner_.spec().delay_ms > 0) threads_.spawn([this] { delay_loop(); });
+    if (owner_.spec().delay_ms > 0) threads_.spawn("kvt-fault-delay", [this] { delay_loop(); });
   }
   ~FaultLink() override { close(); }
 

@@ -37,8 +37,8 @@ TcpLink::TcpLink(TransportSink& sink, uint64_t peer, std::vector<net::Socket> so
   }
   for (auto& c : conns_) {
     Conn* cp = c.get();
-    threads_.spawn([this, cp] { send_loop(*cp); });
-    threads_.spawn([this, cp] { recv_loop(*cp); });
+    threads_.spawn("kvt-tcp-send", [this, cp] { send_loop(*cp); });
+    threads_.spawn("kvt-tcp-reply", [this, cp] { recv_loop(*cp); });
   }
 }
 

@@ -1,6 +1,5 @@
 #include "transport/tcp/tcp_transport.h"
 
-#include <pthread.h>
 #include <sys/socket.h>
 #include <sys/time.h>
 
@@ -42,7 +41,7 @@ void set_recv_timeout(const net::Socket& s, double seconds) {
 TcpTransport::TcpTransport(TransportContext ctx) : ctx_(std::move(ctx)) {
   listener_ = net::listen_tcp(ctx_.options.listen_host, 0);
   address_ = net::local_address(listener_);
-  threads_.spawn([this] { accept_loop(); });
+  threads_.spawn("kvt-tcp-accept", [this] { accept_loop(); });
 }
 
 TcpTransport::~TcpTransport() { shutdown(); }
@@ -104,12 +103,11 @@ void TcpTransport::accept_loop() {
       if (stopping_.load()) return;
       inbound_[conn.get()] = conn;
     }
-    threads_.spawn([this, conn] { serve(conn); });
+    threads_.spawn("kvt-tcp-in", [this, conn] { serve(conn); });
   }
 }
 
 void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
-  ::pthread_setname_np(::pthread_self(), "kvt-tcp-in");
   try {
     // Who is this? A connection that does not present a live session token in time is dropped.
     set_recv_timeout(conn->sock, kHelloTimeoutS);
