@@ -54,25 +54,23 @@ void WaiterReaders::arm_all() {
 }
 
 void WaiterReaders::begin(bool sleeps) {
-  if (sleeps) sleepers_.fetch_add(1);
   std::lock_guard<std::mutex> lock(mu_);
+  if (sleeps) ++sleepers_;
   if (readers_++ == 0) arm_all();
 }
 
 void WaiterReaders::end(bool sleeps) {
-  if (sleeps) sleepers_.fetch_sub(1);
   std::lock_guard<std::mutex> lock(mu_);
+  if (sleeps) --sleepers_;
   if (--readers_ == 0) arm_all();
 }
 
 // The caller marked the connection served first; a sleeper counted itself before it listed
 // the served ones. So either it listed this one or this sees it and wakes it.
 void WaiterReaders::joined(Reader& r) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    joined_readers_.insert(&r);
-  }
-  if (sleepers_.load() > 0) joined_.signal();
+  std::lock_guard<std::mutex> lock(mu_);
+  joined_readers_.insert(&r);
+  if (sleepers_ > 0) joined_.signal();
 }
 
 void WaiterReaders::left(Reader& r) {

@@ -70,10 +70,10 @@ class WaiterReaders {
   bool arm(Reader& r);
   void arm_all();
 
-  std::mutex mu_;  // readers_, joined_readers_ and every Reader's armed_
+  std::mutex mu_;  // the counts, joined_readers_ and every Reader's armed_
   int readers_ = 0;
+  int sleepers_ = 0;
   std::set<Reader*> joined_readers_;
-  std::atomic<int> sleepers_{0};
   net::EventFd joined_;
 };
 
