@@ -2,7 +2,12 @@
 
 #include <pybind11/pybind11.h>
 
+#include "core/error.h"
+
 namespace kvt::py_bind {
+
+// Raises `e` as its kvtransfer.errors class (what the registered translator does for bound calls).
+void set_python_error(const Error& e);
 
 void register_errors(pybind11::module_& m);
 void register_wire(pybind11::module_& m);

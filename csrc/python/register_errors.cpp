@@ -20,13 +20,17 @@ const char* error_class_name(ErrorCode code) {
   return "KVTransferError";
 }
 
+void set_python_error(const Error& e) {
+  py::object cls = py::module_::import("kvtransfer.errors").attr(error_class_name(e.code()));
+  PyErr_SetString(cls.ptr(), e.what());
+}
+
 void register_errors(py::module_& m) {
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const Error& e) {
-      py::object cls = py::module_::import("kvtransfer.errors").attr(error_class_name(e.code()));
-      PyErr_SetString(cls.ptr(), e.what());
+      set_python_error(e);
     }
   });
   m.def("error_class_name", [](int code) { return error_class_name(static_cast<ErrorCode>(code)); });
