@@ -621,7 +621,7 @@ class Endpoint::WaitingReader : public WaitActivity {
       explicit Owed(std::vector<OwedAck>* a) { owed_acks_ = a; }
       ~Owed() { owed_acks_ = nullptr; }
     } owed(&acks_);
-    bool handled = ep_.transport_->poll_inbound();
+    bool handled = ep_.transport_->poll_inbound(sleeps_);
     if (handled) (sleeps_ ? ep_.stats_.sleep_reads : ep_.stats_.spin_reads)++;
     return handled;
   }

@@ -140,6 +140,136 @@ def test_a_run_of_begin_frames_longer_than_a_waiters_largest_look_is_taken_in_pa
     assert target.stats()["spin_reads"] > reads_before  # the waiter read them, not a thread
 
 
+def _raw_writes(rd_id: int, key: int, first_slot: int, tags: list[bytes], size: int) -> bytes:
+    """BEGIN + write frames of `size` bytes, one pair per tag: write i fills dst[i*size:] with
+    the byte i + 1."""
+    return b"".join(_begin_frame(first_slot + i, tag)
+                    + rc.data_frame(rc.D_WRITE, first_slot + i, rd_id, key, [(i * size, size)],
+                                    bytes([i + 1]) * size) for i, tag in enumerate(tags))
+
+
+def _notifications_within(target, want: set[bytes], seconds: float) -> set[bytes]:
+    """The payloads of `want` that arrive within `seconds`, looked for without waiting in the
+    endpoint (no waiter reads meanwhile: only the transport's own threads do)."""
+    got: set[bytes] = set()
+    deadline = time.monotonic() + seconds
+    while got != want and time.monotonic() < deadline:
+        got |= {n.payload for n in target.notifications()} & want
+        time.sleep(0.005)
+    return got
+
+
+def test_frames_that_came_with_the_one_a_waiter_took_are_served_after_it_returns(linked):
+    # Eight notified writes in one send: a spinning waiter takes them off the socket in one
+    # receive, lands the first (its own) and returns. Nothing more comes on that connection, and
+    # nobody waits: the transport's thread must still serve the other seven.
+    target, initiator, peer, rs, rd, src, dst = linked
+    ctrl, welcome = rc.connect(target.address)
+    d = rc.open_data(welcome)
+    tags = [b"staged-%d" % i for i in range(8)]
+    burst = _raw_writes(rd.id, welcome["regions"][rd.id]["key"], 200, tags, 1000)
+    reads_before = target.stats()["spin_reads"]
+    send = threading.Timer(0.05, d.sendall, args=(burst,))
+    send.start()
+    target.wait_notification(tags[0], timeout=5, spin=5)
+    send.join()
+    assert _notifications_within(target, set(tags[1:]), 3.0) == set(tags[1:])
+    for i in range(8):
+        assert (dst[i * 1000:(i + 1) * 1000] == i + 1).all()
+    assert target.stats()["spin_reads"] > reads_before  # the waiter took the burst
+    d.close()
+    ctrl.close()
+
+
+@pytest.mark.parametrize("cut", ["inside the write's header", "inside a payload larger than a "
+                                 "waiter takes in one receive"])
+def test_a_frame_cut_anywhere_by_a_pause_is_read_whole(linked, cut):
+    # The sender pauses mid-frame for 20 ms, far longer than a spinning waiter keeps to a frame
+    # it has begun (200 us): whoever reads on, the waiter or the connection's thread, starts
+    # where the other stopped.
+    target, initiator, peer, rs, rd, src, dst = linked
+    ctrl, welcome = rc.connect(target.address)
+    d = rc.open_data(welcome)
+    size = 200 << 10
+    frames = _raw_writes(rd.id, welcome["regions"][rd.id]["key"], 300, [b"cut"], size)
+    begin = len(_begin_frame(300, b"cut"))
+    at = begin + 20 if cut.startswith("inside the write") else len(frames) - size // 2
+
+    def send() -> None:
+        d.sendall(frames[:at])
+        time.sleep(0.02)
+        d.sendall(frames[at:])
+
+    sender = threading.Timer(0.05, send)
+    sender.start()
+    target.wait_notification(b"cut", timeout=5, spin=5)
+    sender.join()
+    assert (dst[:size] == 1).all() and (dst[size:size + 4096] == 0).all()
+    d.close()
+    ctrl.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_writes_cut_at_random_places_with_random_pauses_all_land_whole(linked, seed):
+    # 24 notified writes of 1 B to 400 KiB (some small enough for the waiter to take, some
+    # left to the connection thread), sent as one stream cut into random pieces (a few
+    # bytes to 100 KiB) with pauses of up to 2 ms between them: a spinning waiter and the
+    # connection's thread take turns at the stream wherever the cuts fall, and each write lands
+    # whole, in order, once.
+    target, initiator, peer, rs, rd, src, dst = linked
+    rng = np.random.default_rng(seed)
+    ctrl, welcome = rc.connect(target.address)
+    d = rc.open_data(welcome)
+    key = welcome["regions"][rd.id]["key"]
+    sizes = [int(x) for x in rng.integers(1, 400 << 10, 24)]
+    offsets = np.cumsum([0] + sizes[:-1])
+    tags = [b"cut-%d-%d" % (seed, i) for i in range(24)]
+    stream = b"".join(_begin_frame(400 + i, tag)
+                      + rc.data_frame(rc.D_WRITE, 400 + i, rd.id, key, [(int(offsets[i]), n)],
+                                      bytes([i + 1]) * n)
+                      for i, (tag, n) in enumerate(zip(tags, sizes, strict=True)))
+
+    def send() -> None:
+        at = 0
+        while at < len(stream):
+            n = int(rng.integers(1, 64)) if rng.random() < 0.3 else int(rng.integers(1, 100 << 10))
+            d.sendall(stream[at:at + n])
+            at += n
+            time.sleep(float(rng.uniform(0, 0.002)))
+
+    seen: list[bytes] = []
+    waiter = _spin_for(target, tags, seen)
+    sender = threading.Thread(target=send)
+    sender.start()
+    sender.join(20)
+    waiter.join(20)
+    assert seen == tags
+    for i, n in enumerate(sizes):
+        assert (dst[offsets[i]:offsets[i] + n] == i + 1).all(), i
+    d.close()
+    ctrl.close()
+
+
+def test_a_waiter_that_met_bulk_traffic_takes_small_writes_itself_again(linked):
+    # A 4 MiB write (the connection's thread's to read) and then small ones: the waiter leaves
+    # the bulk to the thread, and reads the small ones after it itself again.
+    target, initiator, peer, rs, rd, src, dst = linked
+    tags = [b"bulk"] + [b"small-%d" % i for i in range(20)]
+    seen: list[bytes] = []
+    waiter = _spin_for(target, tags, seen)
+    time.sleep(0.01)
+    initiator.write(peer, rs, rd.id, [[0, 0, 4 * MiB]], notify=b"bulk").wait(5)
+    reads_before = target.stats()["spin_reads"]
+    for i in range(20):
+        time.sleep(0.002)
+        off = 4 * MiB + i * 65536
+        initiator.write(peer, rs, rd.id, [[off, off, 65536]], notify=tags[i + 1]).wait(5)
+    waiter.join(10)
+    assert seen == tags
+    assert (dst[:4 * MiB + 20 * 65536] == src[:4 * MiB + 20 * 65536]).all()
+    assert target.stats()["spin_reads"] - reads_before >= 10
+
+
 def test_reads_served_while_a_waiter_spins(linked):
     target, initiator, peer, rs, rd, src, dst = linked
     dst[:] = src

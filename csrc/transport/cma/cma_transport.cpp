@@ -402,7 +402,7 @@ bool CmaTransport::sleep_inbound(int wake_fd, int timeout_ms) {
 // with it) return at once: the waiter looks for its notification before a system call reads
 // the socket. Every other poll of a session reads it regardless, so that arrivals streaming in
 // cannot starve its records, and polls start round robin, so that no session starves another.
-bool CmaTransport::poll_inbound() {
+bool CmaTransport::poll_inbound(bool /*sleeps*/) {
   std::vector<std::shared_ptr<Session>> sessions;
   {
     std::lock_guard<std::mutex> lock(mu_);

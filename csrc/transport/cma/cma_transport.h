@@ -37,7 +37,7 @@ class CmaTransport : public Transport {
                                     uint64_t token) override;
   void shutdown() override;
   bool reader_begin(bool sleeps) override;
-  bool poll_inbound() override;
+  bool poll_inbound(bool sleeps) override;
   bool sleep_inbound(int wake_fd, int timeout_ms) override;
   void reader_end(bool sleeps) override;
 

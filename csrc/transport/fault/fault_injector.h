@@ -52,7 +52,7 @@ class FaultInjector : public Transport, public TransportSink {
                                     uint64_t token) override;
   void shutdown() override { inner_->shutdown(); }
   bool reader_begin(bool sleeps) override { return inner_->reader_begin(sleeps); }
-  bool poll_inbound() override { return inner_->poll_inbound(); }
+  bool poll_inbound(bool sleeps) override { return inner_->poll_inbound(sleeps); }
   bool sleep_inbound(int wake_fd, int timeout_ms) override {
     return inner_->sleep_inbound(wake_fd, timeout_ms);
   }

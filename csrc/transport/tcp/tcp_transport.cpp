@@ -154,6 +154,10 @@ void TcpTransport::serve_frames(Inbound& conn) {
         land(conn, true);
         continue;
       }
+      if (conn.staged.size() > 0) {  // a reading waiter took these bytes off the socket
+        serve_frame(conn, true);
+        continue;
+      }
       uint8_t byte;
       ssize_t r = ::recv(conn.sock.fd(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
       // A clean close between frames is the peer going away, not an error: its control
@@ -178,7 +182,30 @@ bool TcpTransport::reader_begin(bool sleeps) {
   return true;
 }
 
-void TcpTransport::reader_end(bool sleeps) { handover_.end(sleeps); }
+// Bytes a waiter staged and left behind (frames that came after the one it waited for) are
+// handed to the connection's thread: its socket may hold nothing more to wake it for them.
+void TcpTransport::reader_end(bool sleeps) {
+  handover_.end(sleeps);
+  std::vector<std::shared_ptr<Inbound>> conns;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [_, c] : inbound_) conns.push_back(c);
+  }
+  for (auto& c : conns) {
+    // Held: by its thread, which takes staged bytes before it sleeps, or by another waiter,
+    // whose own end comes here.
+    std::unique_lock<std::mutex> lock(c->io.mu, std::try_to_lock);
+    if (lock.owns_lock() && !c->ended && c->staged.size() > 0) handover_.hand_back(c->io);
+  }
+}
+
+// `len` bytes of the connection: those a waiter staged first, then the socket's.
+void TcpTransport::read_exact(Inbound& conn, void* data, size_t len) {
+  struct iovec rest{data, len};
+  if (conn.staged.fill(&rest, 1, 0) == 0) {
+    conn.sock.recv_all(rest.iov_base, rest.iov_len, "TCP data connection");
+  }
+}
 
 // A connection handed back carries bulk traffic (or is failing): its thread reads it, and the
 // waiter sleeps on its notification queue rather than wake for every frame only to hand it on.
@@ -208,13 +235,103 @@ constexpr size_t kFirstPeekBytes = 1024;
 constexpr size_t kMaxPeekBytes = 16u << 10;
 }  // namespace
 
-// Takes the frames queued on `conn` that a reading waiter may read without blocking, in two
-// system calls where a frame-by-frame read took nine for a small notified write: one peek
-// shows the frame heads queued (BEGIN frames, then a write's header and segments), checked
-// there; one recvmsg takes those heads and the write's payload, landing it in place as far as
-// it has come (land() takes the rest). Read requests (their replies may block), malformed
-// heads (the thread reports them), a closed socket and large frames are the thread's.
-TcpTransport::Queued TcpTransport::take_queued(Inbound& conn) {
+// Walks the frame heads at the front of what a reading waiter took or peeked: acts on each
+// BEGIN frame, stops at the first small write whose head (header and segments) is complete.
+// `have(end)` returns the bytes' start once [0, end) of them are at hand, else null (it may
+// fetch more, moving them). Read requests (their replies may block), malformed heads (the
+// thread reports them) and large frames are the connection's thread's.
+template <class Have>
+TcpTransport::Heads TcpTransport::walk_heads(Inbound& conn, Have have) {
+  Heads out;
+  size_t& off = out.taken;
+  while (!out.write) {
+    const uint8_t* buf = have(off + wire::kDataHeaderSize);
+    if (buf == nullptr) return out;  // kPartial
+    wire::DataHeader h;
+    try {
+      h = wire::decode_data_header(buf + off);
+    } catch (const Error&) {
+      out.stop = Queued::kNotForWaiter;
+      return out;
+    }
+    if (h.type == wire::DataType::kBegin && begin_shaped(h)) {
+      const size_t end = off + wire::kDataHeaderSize + h.payload + 4;
+      if ((buf = have(end)) == nullptr) return out;
+      const uint8_t* head = buf + off;
+      wire::verify_data_crc(head, nullptr, 0);
+      const uint8_t* body = head + wire::kDataHeaderSize;
+      check_begin_crc(h, body);
+      ctx_.sink.on_begin(conn.peer, std::string(reinterpret_cast<const char*>(body), h.payload));
+      off = end;
+    } else if (h.type == wire::DataType::kWrite && h.nseg <= kMaxSegsPerFrame &&
+               h.payload <= kWaiterFrameBytes) {
+      const size_t end = off + wire::kDataHeaderSize + size_t{h.nseg} * wire::kDataDescSize;
+      if ((buf = have(end)) == nullptr) return out;
+      const uint8_t* head = buf + off;
+      conn.descs.resize(h.nseg);
+      wire::decode_descs(head + wire::kDataHeaderSize, h.nseg, conn.descs.data());
+      wire::verify_data_crc(head, conn.descs.data(), h.nseg);
+      off = end;
+      out.write = true;
+      out.h = h;
+    } else {
+      out.stop = Queued::kNotForWaiter;
+      return out;
+    }
+  }
+  return out;
+}
+
+// A spinning waiter stages: it reads as bytes arrive, while the sender's sendmsg is still in
+// the kernel, where a second receive costs most. A sleeping one wakes after the sender is done,
+// and a copy out of the stage would be all that staging changed for it: it peeks. Bytes staged
+// already are read first, by either.
+TcpTransport::Queued TcpTransport::take_queued(Inbound& conn, bool sleeps) {
+  if (conn.staged.size() > 0 || !(sleeps || conn.peeks)) return take_staged(conn);
+  return take_peeked(conn);
+}
+
+// Takes what is queued on `conn` in one receive into its StagedBytes: the BEGIN and heads of a
+// small notified write and its payload, which is then copied into place (the rest of a larger
+// one is received into place by land()). What follows the frame it takes stays staged for the
+// next reader of the connection.
+TcpTransport::Queued TcpTransport::take_staged(Inbound& conn) {
+  auto& staged = conn.staged;
+  const std::string what = "TCP data connection";
+  bool received = false;
+  auto receive = [&] {
+    received = true;
+    return staged.receive_now(conn.sock, what);
+  };
+  if (staged.size() == 0) {
+    ssize_t r = receive();
+    if (r < 0) return Queued::kNotForWaiter;  // end of file: its thread sees it
+    if (r == 0) return Queued::kNothing;
+  }
+  Heads heads = walk_heads(conn, [&](size_t end) -> const uint8_t* {
+    // A head staged in part by an earlier look: its rest may have come since.
+    if (end > staged.size() && !received && end <= StagedBytes::kCapacity) receive();
+    return end <= staged.size() ? staged.data() : nullptr;
+  });
+  if (heads.taken == 0) return heads.stop;
+  if (!heads.write) {  // BEGIN frames only: they were acted on
+    staged.consume(heads.taken);
+    return Queued::kTaken;
+  }
+  start_landing(conn, heads.h);  // key and bounds checked before a byte lands
+  staged.consume(heads.taken);
+  auto& l = conn.landing;
+  l.first = staged.fill(l.left.data(), l.left.size(), 0);
+  if (l.first < l.left.size()) return Queued::kTaken;  // the rest comes later: land()
+  landed(conn);
+  return Queued::kLanded;
+}
+
+// Takes the frames queued on `conn` that a reading waiter may read without blocking, leaving
+// anything else on the socket: a peek shows the frame heads queued, and one recvmsg takes
+// those heads and a small write's payload, landing it in place as far as it has come (land()
+// takes the rest). For connections that carry bulk traffic (Inbound::peeks).
+TcpTransport::Queued TcpTransport::take_peeked(Inbound& conn) {
   auto& buf = conn.peeked;
   size_t asked = 0, got = 0;
   auto peek = [&](size_t n) {
@@ -227,60 +344,22 @@ TcpTransport::Queued TcpTransport::take_queued(Inbound& conn) {
   ssize_t r = peek(kFirstPeekBytes);
   if (r < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? Queued::kNothing : Queued::kNotForWaiter;
   if (r == 0) return Queued::kNotForWaiter;
-  // Whether [0, end) is queued; peeks again, further, when the first peek was too short.
-  auto have = [&](size_t end) {
-    if (end <= got) return true;
-    if (got < asked || end > kMaxPeekBytes) return false;  // all queued was peeked, or enough
-    peek(end);
-    return end <= got;
-  };
-  size_t off = 0;  // heads taken so far (a BEGIN is acted on as it is taken)
-  bool write = false;
-  Queued stop = Queued::kPartial;
-  wire::DataHeader h;
-  while (!write) {
-    if (!have(off + wire::kDataHeaderSize)) break;
-    try {
-      h = wire::decode_data_header(buf.data() + off);
-    } catch (const Error&) {
-      stop = Queued::kNotForWaiter;
-      break;
-    }
-    const uint8_t* head = buf.data() + off;
-    if (h.type == wire::DataType::kBegin && begin_shaped(h)) {
-      const size_t end = off + wire::kDataHeaderSize + h.payload + 4;
-      if (!have(end)) break;
-      head = buf.data() + off;  // a further peek may have moved the buffer
-      wire::verify_data_crc(head, nullptr, 0);
-      const uint8_t* body = head + wire::kDataHeaderSize;
-      check_begin_crc(h, body);
-      ctx_.sink.on_begin(conn.peer, std::string(reinterpret_cast<const char*>(body), h.payload));
-      off = end;
-    } else if (h.type == wire::DataType::kWrite && h.nseg <= kMaxSegsPerFrame &&
-               h.payload <= kWaiterFrameBytes) {
-      const size_t end = off + wire::kDataHeaderSize + size_t{h.nseg} * wire::kDataDescSize;
-      if (!have(end)) break;
-      head = buf.data() + off;
-      conn.descs.resize(h.nseg);
-      wire::decode_descs(head + wire::kDataHeaderSize, h.nseg, conn.descs.data());
-      wire::verify_data_crc(head, conn.descs.data(), h.nseg);
-      off = end;
-      write = true;
-    } else {
-      stop = Queued::kNotForWaiter;
-      break;
-    }
-  }
-  if (off == 0) return stop;
+  // Peeks again, further, when the first peek was too short for a head.
+  Heads heads = walk_heads(conn, [&](size_t end) -> const uint8_t* {
+    if (end > got && got == asked && end <= kMaxPeekBytes) peek(end);
+    return end <= got ? buf.data() : nullptr;
+  });
+  if (heads.taken == 0) return heads.stop;
+  conn.peeks = false;  // a small frame: the next look stages again
   const std::string what = "TCP data connection";
-  if (!write) {  // BEGIN frames only: they were acted on, so they are taken off the socket
-    conn.sock.recv_all(buf.data(), off, what);
+  if (!heads.write) {  // BEGIN frames only: they were acted on, so they are taken off the socket
+    conn.sock.recv_all(buf.data(), heads.taken, what);
     return Queued::kTaken;
   }
-  start_landing(conn, h);  // key and bounds checked before a byte lands
+  start_landing(conn, heads.h);  // key and bounds checked before a byte lands
   auto& l = conn.landing;
   auto& iov = conn.iov;
-  iov.assign(1, iovec{buf.data(), off});
+  iov.assign(1, iovec{buf.data(), heads.taken});
   iov.insert(iov.end(), l.left.begin(), l.left.end());
   const size_t first = conn.sock.recvv_now(iov.data(), iov.size(), 0, what);
   if (first == 0) fail(ErrorCode::kTransport, what + " lost frame bytes it had queued");
@@ -296,7 +375,7 @@ TcpTransport::Queued TcpTransport::take_queued(Inbound& conn) {
 // Returns as soon as a write has landed whole: the waiter looks for its notification before
 // this peeks at any socket again (a system call on the latency path). The next call starts at
 // the following connection, so that a busy one cannot starve the others.
-bool TcpTransport::poll_inbound() {
+bool TcpTransport::poll_inbound(bool sleeps) {
   std::vector<std::shared_ptr<Inbound>> conns;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -315,7 +394,7 @@ bool TcpTransport::poll_inbound() {
     try {
       while (true) {
         auto& l = c->landing;
-        Queued q = l.active ? Queued::kPartial : take_queued(*c);
+        Queued q = l.active ? Queued::kPartial : take_queued(*c, sleeps);
         if (q == Queued::kLanded || (q == Queued::kPartial && l.active && land(*c, false))) {
           c->partial_since = {};
           poll_start_.store(start + k + 1, std::memory_order_relaxed);
@@ -331,6 +410,7 @@ bool TcpTransport::poll_inbound() {
           if (c->partial_since == std::chrono::steady_clock::time_point{}) c->partial_since = now;
           if (now - c->partial_since < kWaiterPartialWait) break;  // the rest is on its way
         }
+        if (q == Queued::kNotForWaiter) c->peeks = true;
         if (q != Queued::kNothing) handover_.hand_back(c->io);
         c->partial_since = {};
         break;
@@ -357,14 +437,17 @@ void TcpTransport::serve_frame(Inbound& conn, bool wait) {
   auto& raw = conn.raw;
   auto& iov = conn.iov;
   const std::string what = "TCP data connection";
-  ssize_t r = ::recv(conn.sock.fd(), header, sizeof header, MSG_WAITALL);
-  if (r != static_cast<ssize_t>(sizeof header)) {
-    if (r >= 0) fail(ErrorCode::kProtocol, "TCP data connection closed inside a frame header");
-    fail(ErrorCode::kTransport, "TCP data connection failed while reading a frame header");
+  struct iovec rest{header, sizeof header};
+  if (conn.staged.fill(&rest, 1, 0) == 0) {
+    ssize_t r = ::recv(conn.sock.fd(), rest.iov_base, rest.iov_len, MSG_WAITALL);
+    if (r != static_cast<ssize_t>(rest.iov_len)) {
+      if (r >= 0) fail(ErrorCode::kProtocol, "TCP data connection closed inside a frame header");
+      fail(ErrorCode::kTransport, "TCP data connection failed while reading a frame header");
+    }
   }
   wire::DataHeader h = wire::decode_data_header(header);
   raw.resize(static_cast<size_t>(h.nseg) * wire::kDataDescSize);
-  conn.sock.recv_all(raw.data(), raw.size(), what);
+  read_exact(conn, raw.data(), raw.size());
   descs.resize(h.nseg);
   wire::decode_descs(raw.data(), h.nseg, descs.data());
   wire::verify_data_crc(header, descs.data(), h.nseg);
@@ -375,7 +458,7 @@ void TcpTransport::serve_frame(Inbound& conn, bool wait) {
                                      " bytes, with segments or without its crc32c");
     }
     std::string body(h.payload + 4, '\0');  // the body and its crc32c, in one receive
-    conn.sock.recv_all(body.data(), body.size(), what);
+    read_exact(conn, body.data(), body.size());
     check_begin_crc(h, reinterpret_cast<const uint8_t*>(body.data()));
     body.resize(h.payload);
     ctx_.sink.on_begin(conn.peer, body);
@@ -482,6 +565,7 @@ void TcpTransport::start_landing(Inbound& conn, const wire::DataHeader& h) {
 bool TcpTransport::land(Inbound& conn, bool wait) {
   auto& l = conn.landing;
   const std::string what = "TCP data connection";
+  l.first = conn.staged.fill(l.left.data(), l.left.size(), l.first);
   if (wait) {
     conn.sock.recvv_all(l.left.data() + l.first, l.left.size() - l.first, what);
     l.first = l.left.size();

@@ -4,7 +4,7 @@
 // then receives the payload with recvmsg straight into place. Threads block in the kernel.
 // While a waiter reads for a notification, the connection threads step away from their sockets
 // and the waiter reads whole queued frames itself (reader_begin / poll_inbound / sleep_inbound /
-// reader_end).
+// reader_end); a spinning one takes a small write in one receive (StagedBytes).
 #pragma once
 
 #include <atomic>
@@ -17,6 +17,7 @@
 
 #include "core/thread_set.h"
 #include "net/socket.h"
+#include "transport/tcp/staged_bytes.h"
 #include "transport/waiter_readers.h"
 #include "transport/transport.h"
 #include "wire/data_frame.h"
@@ -45,7 +46,7 @@ class TcpTransport : public Transport {
                                     uint64_t token) override;
   void shutdown() override;
   bool reader_begin(bool sleeps) override;
-  bool poll_inbound() override;
+  bool poll_inbound(bool sleeps) override;
   bool sleep_inbound(int wake_fd, int timeout_ms) override;
   void reader_end(bool sleeps) override;
 
@@ -61,6 +62,11 @@ class TcpTransport : public Transport {
     std::vector<wire::DataDesc> descs;
     std::vector<uint8_t> raw;
     std::vector<uint8_t> peeked;  // a reading waiter's copy of the frame heads queued
+    StagedBytes staged;  // under io.mu: taken off the socket by a waiter, not yet acted on
+    // Under io.mu: a waiter met a frame that is not its to read here (bulk traffic): it peeks
+    // at this connection, rather than stage what may be megabytes for the thread to copy,
+    // until it takes a small frame here again.
+    bool peeks = false;
     std::vector<struct iovec> iov;
     // A write frame whose head was read and checked and whose payload is still coming: a
     // spinning waiter lands what is queued and comes back for the rest, or leaves the rest to
@@ -81,6 +87,15 @@ class TcpTransport : public Transport {
   // whole (kLanded), none, the start of a frame whose head is still coming (kPartial), or a
   // frame that is its thread's (kNotForWaiter).
   enum class Queued { kNothing, kTaken, kLanded, kPartial, kNotForWaiter };
+  // The frame heads a reading waiter walked (walk_heads): the BEGIN frames it acted on and,
+  // when `write`, a small write's head (h, its segments in Inbound::descs), `taken` bytes in
+  // all; else why it stopped.
+  struct Heads {
+    size_t taken = 0;
+    bool write = false;
+    Queued stop = Queued::kPartial;
+    wire::DataHeader h;
+  };
 
   void accept_loop();
   void serve(std::shared_ptr<Inbound> conn);
@@ -89,7 +104,12 @@ class TcpTransport : public Transport {
   void start_landing(Inbound& conn, const wire::DataHeader& h);
   bool land(Inbound& conn, bool wait);
   void landed(Inbound& conn);
-  Queued take_queued(Inbound& conn);
+  Queued take_queued(Inbound& conn, bool sleeps);
+  Queued take_peeked(Inbound& conn);
+  Queued take_staged(Inbound& conn);
+  template <class Have>
+  Heads walk_heads(Inbound& conn, Have have);
+  void read_exact(Inbound& conn, void* data, size_t len);
 
   TransportContext ctx_;
   net::Socket listener_;
