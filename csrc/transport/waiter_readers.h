@@ -53,6 +53,26 @@ class WaiterReaders {
   // A sleeping waiter blocks in poll() on `fds` (the sockets it may read), on `wake_fd` and on
   // joined(), for up to `timeout_ms`. Throws TransportError if poll() fails.
   void sleep(std::vector<struct pollfd>& fds, int wake_fd, int timeout_ms);
+  // Transport::sleep_inbound over a transport's connections (`conns`, under `mu`: a map whose
+  // values point to something with `serving` and `io`, its Reader): sleeps on those past their
+  // hello; false at once if one was handed back (its thread reads bulk traffic, and the waiter
+  // should step aside) or the transport is `stopping`.
+  template <class Conns>
+  bool sleep_on(std::mutex& mu, const std::atomic<bool>& stopping, const Conns& conns,
+                int wake_fd, int timeout_ms) {
+    std::vector<struct pollfd> fds;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (stopping.load()) return false;
+      for (const auto& [_, c] : conns) {
+        if (!c->serving.load()) continue;  // see joined()
+        if (c->io.handoff.load()) return false;
+        fds.push_back({c->io.fd, POLLIN, 0});
+      }
+    }
+    sleep(fds, wake_fd, timeout_ms);
+    return true;
+  }
   // A reading waiter met something it does not read (a large or partial unit, an error, end
   // of file): the connection's own thread reads what is queued, then hands it back.
   void hand_back(Reader& r);

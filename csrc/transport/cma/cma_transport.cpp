@@ -382,18 +382,7 @@ void CmaTransport::reader_end(bool sleeps) {
 // A session handed back is failing or ending: its thread reads it, and the waiter sleeps on its
 // notification queue.
 bool CmaTransport::sleep_inbound(int wake_fd, int timeout_ms) {
-  std::vector<struct pollfd> fds;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_.load()) return false;
-    for (auto& [_, s] : sessions_) {
-      if (!s->serving.load()) continue;  // see WaiterReaders::joined
-      if (s->io.handoff.load()) return false;
-      fds.push_back({s->sock.fd(), POLLIN, 0});
-    }
-  }
-  handover_.sleep(fds, wake_fd, timeout_ms);
-  return true;
+  return handover_.sleep_on(mu_, stopping_, sessions_, wake_fd, timeout_ms);
 }
 
 // A reading waiter takes what the arrival rings hold, then every record queued on the sockets

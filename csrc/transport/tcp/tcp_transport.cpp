@@ -210,18 +210,7 @@ void TcpTransport::read_exact(Inbound& conn, void* data, size_t len) {
 // A connection handed back carries bulk traffic (or is failing): its thread reads it, and the
 // waiter sleeps on its notification queue rather than wake for every frame only to hand it on.
 bool TcpTransport::sleep_inbound(int wake_fd, int timeout_ms) {
-  std::vector<struct pollfd> fds;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stopping_.load()) return false;
-    for (auto& [_, c] : inbound_) {
-      if (!c->serving.load()) continue;  // see WaiterReaders::joined
-      if (c->io.handoff.load()) return false;
-      fds.push_back({c->sock.fd(), POLLIN, 0});
-    }
-  }
-  handover_.sleep(fds, wake_fd, timeout_ms);
-  return true;
+  return handover_.sleep_on(mu_, stopping_, inbound_, wake_fd, timeout_ms);
 }
 
 namespace {
