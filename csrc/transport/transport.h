@@ -128,9 +128,10 @@ class Transport {
   // an idle vCPU) on its way to the waiter. A transport whose reader_begin() returns true lets
   // that thread read until reader_end(): poll_inbound() handles units already queued, never
   // blocks, and says whether it handled any. A spinning reader calls it in a loop; a sleeping
-  // one (`sleeps`, in both calls) calls sleep_inbound() between calls, which blocks until a connection may
-  // have bytes for it, `wake_fd` is readable or `timeout_ms` passes, and returns false when the
-  // reader should step aside (bulk traffic, which the transport's threads read in parallel).
+  // one (`sleeps`, in both calls) calls sleep_inbound() between calls, which blocks until a
+  // connection may have bytes for it, `wake_fd` is readable or `timeout_ms` passes, and returns
+  // false when the reader should step aside (bulk traffic, which the transport's threads read
+  // in parallel).
   virtual bool reader_begin(bool /*sleeps*/) { return false; }
   virtual bool poll_inbound(bool /*sleeps*/) { return false; }
   virtual bool sleep_inbound(int /*wake_fd*/, int /*timeout_ms*/) { return false; }
