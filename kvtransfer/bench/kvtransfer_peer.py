@@ -22,6 +22,7 @@ from .harness import (
     Workload,
     block_permutation,
     now,
+    per_batch,
     places,
     run_pair,
     timed,
@@ -82,13 +83,15 @@ class Initiator:
         perm = block_permutation(workload)
         # (src_off, dst_off, len): for a read src is the remote (prefill) side, as for a write
         # it is the local one, so one table serves both.
-        self.segments = np.stack([np.arange(n, dtype=np.int64) * bs, perm * bs,
-                                  np.full(n, bs, np.int64)], axis=1)
+        segments = np.stack([np.arange(n, dtype=np.int64) * bs, perm * bs,
+                             np.full(n, bs, np.int64)], axis=1)
+        self.batches = per_batch(workload, segments)
         self.pending: list[kvt.Transfer] = []
 
     def post(self, tag: str | None, lo: int, hi: int, deadline: float, busy: bool) -> None:
         move = self.ep.write if self.op == "write" else self.ep.read
-        self.pending.append(move(self.peer, self.region, self.remote, self.segments[lo:hi],
+        (segments,) = self.batches[lo, hi]
+        self.pending.append(move(self.peer, self.region, self.remote, segments,
                                  notify=tag.encode() if tag else None))
 
     def complete(self, deadline: float, busy: bool) -> None:

@@ -88,10 +88,12 @@ class Initiator:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         bs = workload.block_bytes
         view = memoryview(buf).cast("B")
-        self.blocks = [view[i * bs:(i + 1) * bs] for i in range(workload.blocks)]
+        self.batches = common.per_batch(
+            workload, [view[i * bs:(i + 1) * bs] for i in range(workload.blocks)])
 
     def post(self, tag: str | None, lo: int, hi: int, deadline: float, busy: bool) -> None:
-        for block in self.blocks[lo:hi]:
+        (blocks,) = self.batches[lo, hi]
+        for block in blocks:
             self.sock.sendall(block)
 
     def complete(self, deadline: float, busy: bool) -> None:

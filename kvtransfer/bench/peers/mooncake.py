@@ -119,8 +119,8 @@ class _Initiator:
         else:
             local = common.block_addresses(here, workload, perm)
             remote = common.block_addresses(there, workload)
-        self.local_addrs, self.remote_addrs = local.tolist(), remote.tolist()
-        self.lengths = [workload.block_bytes] * workload.blocks
+        self.batches = common.per_batch(workload, local.tolist(), remote.tolist(),
+                                        [workload.block_bytes] * workload.blocks)
         self.op = workload.op
 
     def post(self, tag: str | None, lo: int, hi: int, deadline: float, busy: bool) -> None:
@@ -130,11 +130,12 @@ class _Initiator:
 
         opcode = TransferOpcode.Write if self.op == "write" else TransferOpcode.Read
         notify = TransferNotify("kvbench-initiator", tag) if tag else None
+        local_addrs, remote_addrs, lengths = self.batches[lo, hi]
         rc = self.engine.batch_transfer_sync(
             self.session,
-            self.local_addrs[lo:hi],
-            self.remote_addrs[lo:hi],
-            self.lengths[lo:hi],
+            local_addrs,
+            remote_addrs,
+            lengths,
             opcode,
             notify,
         )

@@ -174,19 +174,19 @@ class _Initiator:
         src_idx = np.arange(workload.blocks, dtype=np.int32)
         dst_idx = common.block_permutation(workload).astype(np.int32)
         self.op = workload.op.upper()
-        self.local_idx, self.remote_idx = (
-            (src_idx, dst_idx) if self.op == "WRITE" else (dst_idx, src_idx)
-        )
+        self.batches = common.per_batch(
+            workload, *((src_idx, dst_idx) if self.op == "WRITE" else (dst_idx, src_idx)))
         self.agent.make_connection(self.remote)
         self.pending: list[list[Any]] = []  # [handle, state] per batch posted
 
     def post(self, tag: str | None, lo: int, hi: int, deadline: float, busy: bool) -> None:
+        local_idx, remote_idx = self.batches[lo, hi]
         handle = self.agent.make_prepped_xfer(
             self.op,
             self.local,
-            self.local_idx[lo:hi],
+            local_idx,
             self.remote_side,
-            self.remote_idx[lo:hi],
+            remote_idx,
             notif_msg=tag.encode() if tag else b"",
         )
         self.pending.append([handle, "PROC"])
