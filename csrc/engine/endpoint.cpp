@@ -345,7 +345,7 @@ void Endpoint::handle(PeerConn& peer, const ControlMessage& m) {
       auto [slot, reason] = wire::decode_slot_bytes(m.body, 4096);
       if (auto o = inbound_.abort(peer.id, slot, ErrorCode::kTransport,
                                   "the initiator aborted it: " + reason)) {
-        settle(*o);
+        settle(std::move(*o));
       }
       break;
     }
@@ -380,17 +380,17 @@ void Endpoint::handle(PeerConn& peer, const ControlMessage& m) {
 
 // The target's verdict on one inbound transfer: notify (or report the failure), then tell the
 // initiator, who reports DONE only now.
-void Endpoint::settle(const InboundOutcome& o) {
+void Endpoint::settle(InboundOutcome o) {
+  OwedAck ack{o.peer, wire::Ack{o.slot, o.ok ? 0u : static_cast<uint32_t>(o.code), o.error}};
   if (o.ok) {
     stats_.inbound_done++;
-    if (o.has_notify) notifications_.push(Notification{o.peer_name, o.payload, false, "", ErrorCode::kTransport});
   } else {
     stats_.inbound_failed++;
-    if (o.has_notify) notifications_.push(Notification{o.peer_name, o.payload, true, o.error, o.code});
   }
-  auto peer = find_peer(o.peer);
-  if (!peer || peer->dead) return;
-  OwedAck ack{peer, wire::Ack{o.slot, o.ok ? 0u : static_cast<uint32_t>(o.code), o.error}};
+  if (o.has_notify) {
+    notifications_.push(Notification{std::move(o.peer_name), std::move(o.payload), !o.ok,
+                                     std::move(o.error), o.ok ? ErrorCode::kTransport : o.code});
+  }
   if (owed_acks_) {  // a reading waiter settled it: see WaitingReader
     owed_acks_->push_back(std::move(ack));
     return;
@@ -399,8 +399,10 @@ void Endpoint::settle(const InboundOutcome& o) {
 }
 
 void Endpoint::send_ack(const OwedAck& a) {
+  auto peer = find_peer(a.peer);
+  if (!peer || peer->dead) return;
   try {
-    a.peer->control->send(wire::MsgType::kAck, wire::encode(a.ack));
+    peer->control->send(wire::MsgType::kAck, wire::encode(a.ack));
   } catch (const Error&) {
     // The control loop reports the broken connection.
   }
@@ -421,7 +423,7 @@ void Endpoint::begin_inbound(PeerConn& peer, const std::string& body) {
   }
   auto o = inbound_.begin(peer.id, peer.name, begin, deadline);
   add_pending();
-  if (o) settle(*o);
+  if (o) settle(std::move(*o));
 }
 
 void Endpoint::on_begin(uint64_t peer_id, const std::string& body) {
@@ -671,18 +673,18 @@ std::vector<Notification> Endpoint::notifications(double timeout_s) {
 // ---------------------------------------------------------------- transport upcalls
 
 void Endpoint::on_arrival(uint64_t peer, uint64_t slot, uint32_t units) {
-  if (auto o = inbound_.arrive(peer, slot, units)) settle(*o);
+  if (auto o = inbound_.arrive(peer, slot, units)) settle(std::move(*o));
   add_pending();
 }
 
 void Endpoint::refuse_inbound(const std::string& prefix, const std::string& reason) {
-  for (const auto& o : inbound_.refuse_prefix(prefix, reason)) settle(o);
+  for (auto& o : inbound_.refuse_prefix(prefix, reason)) settle(std::move(o));
 }
 
 bool Endpoint::accepts(uint64_t peer, uint64_t slot) { return inbound_.accepts(peer, slot); }
 
 void Endpoint::on_refused(uint64_t peer, uint64_t slot, const Error& error) {
-  if (auto o = inbound_.abort(peer, slot, error.code(), error.what())) settle(*o);
+  if (auto o = inbound_.abort(peer, slot, error.code(), error.what())) settle(std::move(*o));
 }
 
 void Endpoint::on_read_landed(uint64_t slot, uint32_t units) {
@@ -746,8 +748,8 @@ void Endpoint::peer_failed(uint64_t id, const Error& error) {
     finish_transfer(slot, TransferStatus::kError, ErrorCode::kTransport,
                     "peer '" + peer->name + "' failed: " + why);
   }
-  for (const auto& o : inbound_.fail_peer(id, "initiator '" + peer->name + "' failed: " + why)) {
-    settle(o);
+  for (auto& o : inbound_.fail_peer(id, "initiator '" + peer->name + "' failed: " + why)) {
+    settle(std::move(o));
   }
 }
 
@@ -836,7 +838,7 @@ void Endpoint::watchdog_loop() {
                       "transfer deadline passed before the target acknowledged it");
       abort_remote(x->peer, x->slot, "deadline passed");
     }
-    for (const auto& o : inbound_.expire(now)) settle(o);
+    for (auto& o : inbound_.expire(now)) settle(std::move(o));
     lock.lock();
   }
 }

@@ -107,9 +107,9 @@ class Endpoint : public TransportSink {
   void handshake_as_client(PeerConn& peer);
   void handle(PeerConn& peer, const ControlMessage& m);
   void begin_inbound(PeerConn& peer, const std::string& body);
-  void settle(const InboundOutcome& o);
+  void settle(InboundOutcome o);
   struct OwedAck {
-    std::shared_ptr<PeerConn> peer;
+    uint64_t peer;  // looked up when sent: off a reading waiter's path, and gone peers are skipped
     wire::Ack ack;
   };
   // Set while a waiting thread reads inbound data (WaitingReader): the ACKs that what it

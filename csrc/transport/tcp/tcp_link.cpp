@@ -189,7 +189,7 @@ bool TcpLink::send_frame(Conn& c, Frame f) {
       auto key = std::make_pair(f.header.slot, f.header.frame);
       c.reads.emplace(key, std::move(f));
     }
-    c.sock.sendv_all(c.iov.data(), c.iov.size(), "TCP data connection");
+    c.sock.sendv_all(c.iov.data(), c.iov.size(), kDataConnection);
   } catch (const Error& e) {
     broken(e);
     ok = false;
@@ -212,13 +212,13 @@ void TcpLink::recv_loop(Conn& c) {
   std::string reason;
   try {
     while (!closed_.load()) {
-      c.sock.recv_all(header, sizeof header, "TCP data connection");
+      c.sock.recv_all(header, sizeof header, kDataConnection);
       wire::DataHeader h = wire::decode_data_header(header);
       wire::verify_data_crc(header, nullptr, 0);
       if (h.type == wire::DataType::kReadErr) {
         if (h.payload > wire::kMaxReadErrBytes) fail(ErrorCode::kProtocol, "oversized read error");
         reason.resize(h.payload);
-        c.sock.recv_all(reason.data(), reason.size(), "TCP data connection");
+        c.sock.recv_all(reason.data(), reason.size(), kDataConnection);
         {
           std::lock_guard<std::mutex> lock(c.reads_mu);
           c.reads.erase({h.slot, h.frame});
@@ -242,10 +242,10 @@ void TcpLink::recv_loop(Conn& c) {
                                        " bytes for a request of " + std::to_string(frame_bytes(f)));
       }
       std::vector<struct iovec> dst = f.local;  // recvv_all consumes its iovec array
-      c.sock.recvv_all(dst.data(), dst.size(), "TCP data connection");
+      c.sock.recvv_all(dst.data(), dst.size(), kDataConnection);
       if (h.flags & wire::kFlagPayloadCrc) {
         uint8_t crc_le[4];
-        c.sock.recv_all(crc_le, 4, "TCP data connection");
+        c.sock.recv_all(crc_le, 4, kDataConnection);
         if (wire::get_u32_le(crc_le) != wire::crc32c_iov(f.local.data(), f.local.size())) {
           sink_.on_op_failed(h.slot, Error(ErrorCode::kProtocol,
                                            "read payload of transfer " + std::to_string(h.slot) +

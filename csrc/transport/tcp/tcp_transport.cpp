@@ -112,7 +112,7 @@ void TcpTransport::serve(std::shared_ptr<Inbound> conn) {
     // Who is this? A connection that does not present a live session token in time is dropped.
     set_recv_timeout(conn->sock, kHelloTimeoutS);
     uint8_t buf[wire::kDataHeaderSize];
-    conn->sock.recv_all(buf, sizeof buf, "TCP data connection");
+    conn->sock.recv_all(buf, sizeof buf, kDataConnection);
     wire::DataHeader h = wire::decode_data_header(buf);
     wire::verify_data_crc(buf, nullptr, 0);
     if (h.type != wire::DataType::kHello || h.nseg != 0) {
@@ -203,7 +203,7 @@ void TcpTransport::reader_end(bool sleeps) {
 void TcpTransport::read_exact(Inbound& conn, void* data, size_t len) {
   struct iovec rest{data, len};
   if (conn.staged.fill(&rest, 1, 0) == 0) {
-    conn.sock.recv_all(rest.iov_base, rest.iov_len, "TCP data connection");
+    conn.sock.recv_all(rest.iov_base, rest.iov_len, kDataConnection);
   }
 }
 
@@ -286,11 +286,10 @@ TcpTransport::Queued TcpTransport::take_queued(Inbound& conn, bool sleeps) {
 // next reader of the connection.
 TcpTransport::Queued TcpTransport::take_staged(Inbound& conn) {
   auto& staged = conn.staged;
-  const std::string what = "TCP data connection";
   bool received = false;
   auto receive = [&] {
     received = true;
-    return staged.receive_now(conn.sock, what);
+    return staged.receive_now(conn.sock, kDataConnection);
   };
   if (staged.size() == 0) {
     ssize_t r = receive();
@@ -340,9 +339,8 @@ TcpTransport::Queued TcpTransport::take_peeked(Inbound& conn) {
   });
   if (heads.taken == 0) return heads.stop;
   conn.peeks = false;  // a small frame: the next look stages again
-  const std::string what = "TCP data connection";
   if (!heads.write) {  // BEGIN frames only: they were acted on, so they are taken off the socket
-    conn.sock.recv_all(buf.data(), heads.taken, what);
+    conn.sock.recv_all(buf.data(), heads.taken, kDataConnection);
     return Queued::kTaken;
   }
   start_landing(conn, heads.h);  // key and bounds checked before a byte lands
@@ -350,8 +348,8 @@ TcpTransport::Queued TcpTransport::take_peeked(Inbound& conn) {
   auto& iov = conn.iov;
   iov.assign(1, iovec{buf.data(), heads.taken});
   iov.insert(iov.end(), l.left.begin(), l.left.end());
-  const size_t first = conn.sock.recvv_now(iov.data(), iov.size(), 0, what);
-  if (first == 0) fail(ErrorCode::kTransport, what + " lost frame bytes it had queued");
+  const size_t first = conn.sock.recvv_now(iov.data(), iov.size(), 0, kDataConnection);
+  if (first == 0) fail(ErrorCode::kTransport, kDataConnection + " lost frame bytes it had queued");
   l.first = first - 1;
   if (l.first < l.left.size()) {
     l.left[l.first] = iov[first];  // partly filled: the rest comes later
@@ -425,7 +423,6 @@ void TcpTransport::serve_frame(Inbound& conn, bool wait) {
   auto& descs = conn.descs;
   auto& raw = conn.raw;
   auto& iov = conn.iov;
-  const std::string what = "TCP data connection";
   struct iovec rest{header, sizeof header};
   if (conn.staged.fill(&rest, 1, 0) == 0) {
     ssize_t r = ::recv(conn.sock.fd(), rest.iov_base, rest.iov_len, MSG_WAITALL);
@@ -491,7 +488,7 @@ void TcpTransport::serve_frame(Inbound& conn, bool wait) {
     }
     wire::encode_data_header(reply, nullptr, out);
     iov.insert(iov.begin(), iovec{out, sizeof out});
-    conn.sock.sendv_all(iov.data(), iov.size(), what);
+    conn.sock.sendv_all(iov.data(), iov.size(), kDataConnection);
   } else {
     fail(ErrorCode::kProtocol, "unexpected data frame type " +
                                    std::to_string(static_cast<int>(h.type)) + " at the target");
@@ -553,13 +550,12 @@ void TcpTransport::start_landing(Inbound& conn, const wire::DataHeader& h) {
 // once it is complete and acted on.
 bool TcpTransport::land(Inbound& conn, bool wait) {
   auto& l = conn.landing;
-  const std::string what = "TCP data connection";
   l.first = conn.staged.fill(l.left.data(), l.left.size(), l.first);
   if (wait) {
-    conn.sock.recvv_all(l.left.data() + l.first, l.left.size() - l.first, what);
+    conn.sock.recvv_all(l.left.data() + l.first, l.left.size() - l.first, kDataConnection);
     l.first = l.left.size();
   } else {
-    l.first = conn.sock.recvv_now(l.left.data(), l.left.size(), l.first, what);
+    l.first = conn.sock.recvv_now(l.left.data(), l.left.size(), l.first, kDataConnection);
     if (l.first < l.left.size()) return false;
   }
   landed(conn);

@@ -30,6 +30,9 @@ constexpr uint32_t kMaxSegsPerFrame = 256;  // ~128 iovecs per sendmsg is where 
 // connection's thread reads (they may not fit the receive queue whole, and a wake-up is cheap
 // next to them).
 constexpr uint64_t kWaiterFrameBytes = 256u << 10;
+// What socket errors name. One string made once: the socket calls take a std::string, and a
+// literal would build (and allocate) a new one on every receive of a spinning waiter's loop.
+inline const std::string kDataConnection = "TCP data connection";
 
 class TcpTransport : public Transport {
  public:
