@@ -32,17 +32,18 @@ class SegmentRows {
         return;
       }
     }
-    converted_ = Segments::ensure(h);
-    if (!converted_) {
+    Segments converted = Segments::ensure(h);
+    if (!converted) {
       PyErr_Clear();
       throw py::type_error("segments must be integers, an array of shape [N, 3]");
     }
-    if (reinterpret_cast<uintptr_t>(converted_.data()) % alignof(int64_t) != 0) {
-      Segments aligned(std::vector<py::ssize_t>(converted_.shape(), converted_.shape() + converted_.ndim()));
-      std::memcpy(aligned.mutable_data(), converted_.data(), static_cast<size_t>(converted_.nbytes()));
-      converted_ = std::move(aligned);
+    if (reinterpret_cast<uintptr_t>(converted.data()) % alignof(int64_t) != 0) {
+      Segments aligned(std::vector<py::ssize_t>(converted.shape(), converted.shape() + converted.ndim()));
+      std::memcpy(aligned.mutable_data(), converted.data(), static_cast<size_t>(converted.nbytes()));
+      converted = std::move(aligned);
     }
-    take(converted_);
+    take(converted);
+    converted_ = std::move(converted);  // `rows` points into it
   }
   const int64_t* rows = nullptr;
   size_t n = 0;
@@ -59,7 +60,9 @@ class SegmentRows {
     n = static_cast<size_t>(a.shape(0));
     rows = static_cast<const int64_t*>(a.data());
   }
-  Segments converted_;
+  // Null unless converted. Not a py::array_t: its default constructor makes an empty numpy
+  // array, which cost every transfer ~1 us on the bench's cold prefill CPU (timestamps).
+  py::object converted_;
 };
 
 // The bytes of `h` (bytes, bytearray, memoryview); `what` names the argument when it is not.
