@@ -1,6 +1,7 @@
 #include "transport/waiter_readers.h"
 
 #include <sys/epoll.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -12,12 +13,38 @@
 namespace kvt {
 namespace {
 
+// How long a connection stays hot after its last frame: past the gaps between requests of a
+// serving loop, so that a decode host's busy peers stay with its waiters between requests.
+constexpr int64_t kHotNs = 1'000'000'000;
+
 [[noreturn]] void epoll_failed(const char* what) {
   fail(ErrorCode::kTransport, std::string(what) + " on an inbound connection failed: " +
                                   std::strerror(errno));
 }
 
 }  // namespace
+
+WaiterReaders::WaiterReaders() : readable_epoll_(::epoll_create1(EPOLL_CLOEXEC)) {
+  if (readable_epoll_ < 0) unwatched_.store(1);  // readable() then says every socket, as before
+}
+
+WaiterReaders::~WaiterReaders() {
+  if (readable_epoll_ >= 0) ::close(readable_epoll_);
+}
+
+void WaiterReaders::readable(Readable& out, size_t conns) {
+  out.n_ = 0;
+  out.all_ = conns <= kDirectLooks || unwatched_.load() > 0;
+  if (out.all_) return;
+  struct epoll_event evs[Readable::kMax];
+  const int n = ::epoll_wait(readable_epoll_, evs, Readable::kMax, 0);
+  if (n < 0 || n == Readable::kMax) {  // interrupted, or more than it holds: try them all
+    out.all_ = true;
+    return;
+  }
+  for (int i = 0; i < n; ++i) out.fds_[i] = evs[i].data.fd;
+  out.n_ = n;
+}
 
 WaiterReaders::Reader::Reader(int fd) : fd(fd), epoll_fd_(::epoll_create1(EPOLL_CLOEXEC)) {
   if (epoll_fd_ < 0) epoll_failed("epoll_create1");
@@ -34,8 +61,24 @@ WaiterReaders::Reader::Reader(int fd) : fd(fd), epoll_fd_(::epoll_create1(EPOLL_
 
 WaiterReaders::Reader::~Reader() { ::close(epoll_fd_); }
 
+// The coarse clock (a few ms of resolution) is enough for kHotNs and costs no system call.
+int64_t WaiterReaders::coarse_now_ns() {
+  struct timespec t;
+  ::clock_gettime(CLOCK_MONOTONIC_COARSE, &t);
+  return int64_t{t.tv_sec} * 1'000'000'000 + t.tv_nsec;
+}
+
+void WaiterReaders::took(Reader& r) {
+  const int64_t until = coarse_now_ns() + kHotNs;
+  // Written once per clock tick at most: a waiter's latency path reads it back in no time.
+  if (r.hot_until_ns_.load(std::memory_order_relaxed) != until) {
+    r.hot_until_ns_.store(until, std::memory_order_relaxed);
+  }
+}
+
 bool WaiterReaders::arm(Reader& r) {
-  const bool want = readers_ == 0 || r.handoff.load();
+  const bool hot = coarse_now_ns() < r.hot_until_ns_.load(std::memory_order_relaxed);
+  const bool want = readers_ == 0 || r.handoff.load() || !hot;
   if (want == r.armed_) return true;
   struct epoll_event ev{};
   ev.events = EPOLLIN;
@@ -70,12 +113,22 @@ void WaiterReaders::end(bool sleeps) {
 void WaiterReaders::joined(Reader& r) {
   std::lock_guard<std::mutex> lock(mu_);
   joined_readers_.insert(&r);
+  struct epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = r.fd;
+  r.watched_ = readable_epoll_ >= 0 && ::epoll_ctl(readable_epoll_, EPOLL_CTL_ADD, r.fd, &ev) == 0;
+  if (!r.watched_) unwatched_.fetch_add(1);
   if (sleepers_ > 0) joined_.signal();
 }
 
 void WaiterReaders::left(Reader& r) {
   std::lock_guard<std::mutex> lock(mu_);
-  joined_readers_.erase(&r);
+  if (joined_readers_.erase(&r) == 0) return;
+  if (r.watched_) {
+    ::epoll_ctl(readable_epoll_, EPOLL_CTL_DEL, r.fd, nullptr);
+  } else {
+    unwatched_.fetch_sub(1);
+  }
 }
 
 void WaiterReaders::sleep(std::vector<struct pollfd>& fds, int wake_fd, int timeout_ms) {

@@ -6,6 +6,10 @@
 // themselves: epoll_ctl wakes nobody, so a spinning waiter's start and end cost the sleeping
 // connection threads nothing, and an arriving message wakes no connection thread either: the
 // waiter, which try-locks `mu`, reads it, spinning or asleep on the sockets itself (sleep()).
+// Only connections that carried frames lately ("hot", took()) are moved so: an epoll_ctl per
+// connection at every waiter's start and end made each wait slower the more peers were
+// connected, idle or not. A frame on a connection left with its thread wakes that thread once;
+// the connection is hot from then on.
 #pragma once
 
 #include <poll.h>
@@ -21,6 +25,11 @@ namespace kvt {
 
 class WaiterReaders {
  public:
+  WaiterReaders();
+  ~WaiterReaders();
+  WaiterReaders(const WaiterReaders&) = delete;
+  WaiterReaders& operator=(const WaiterReaders&) = delete;
+
   class Reader {
    public:
     explicit Reader(int fd);  // fd: the connection's socket, which stays its owner's
@@ -37,10 +46,39 @@ class WaiterReaders {
     net::EventFd kick_;  // wakes its thread: a hand-back, or stop()
     int epoll_fd_;       // kick_, and the socket while armed_
     bool armed_ = false;  // under WaiterReaders::mu_
+    std::atomic<int64_t> hot_until_ns_{0};  // see took()
+    bool watched_ = false;  // under WaiterReaders::mu_: in readable_epoll_
   };
 
+  // The joined sockets that had bytes queued (or an error) when readable() looked, from one
+  // epoll_wait. A reading waiter with many connections tries to receive only on those, instead
+  // of on every connection in turn: a system call per connection per turn made its every look
+  // slower the more peers were connected, though idle (docs/transports.md).
+  class Readable {
+   public:
+    bool has(const Reader& r) const {
+      if (all_) return true;
+      for (int i = 0; i < n_; ++i) {
+        if (fds_[i] == r.fd) return true;
+      }
+      return false;
+    }
+
+   private:
+    friend class WaiterReaders;
+    static constexpr int kMax = 64;
+    int fds_[kMax];
+    int n_ = 0;
+    bool all_ = false;  // unknown (more than kMax, or a socket epoll could not watch): all
+  };
+  // Fills `out` for a waiter about to look at `conns` connections. Up to kDirectLooks of them it
+  // says "all" without a system call: a receive on each costs less than an epoll_wait and then
+  // a receive (measured on the bench's 64 KiB write over two connections).
+  void readable(Readable& out, size_t conns);
+  static constexpr size_t kDirectLooks = 4;
+
   // A waiter starts reading (`sleeps`: between polls it sleeps in sleep()): the first one takes
-  // every joined connection's socket out of its thread's epoll set.
+  // every hot connection's socket (took()) out of its thread's epoll set.
   void begin(bool sleeps);
   // A reading waiter ended; the last one puts the sockets back (a thread whose socket holds
   // data wakes).
@@ -73,6 +111,9 @@ class WaiterReaders {
     sleep(fds, wake_fd, timeout_ms);
     return true;
   }
+  // A frame came on `r` (read by a waiter or by r's thread): for kHot from now, waiters that
+  // read take r's socket from its thread (begin()).
+  void took(Reader& r);
   // A reading waiter met something it does not read (a large or partial unit, an error, end
   // of file): the connection's own thread reads what is queued, then hands it back.
   void hand_back(Reader& r);
@@ -89,12 +130,15 @@ class WaiterReaders {
   // epoll_ctl failed.
   bool arm(Reader& r);
   void arm_all();
+  static int64_t coarse_now_ns();
 
   std::mutex mu_;  // the counts, joined_readers_ and every Reader's armed_
   int readers_ = 0;
   int sleepers_ = 0;
   std::set<Reader*> joined_readers_;
   net::EventFd joined_;
+  int readable_epoll_;            // every joined socket, for readable()
+  std::atomic<int> unwatched_{0};  // joined sockets epoll_ctl refused: readable() says all
 };
 
 }  // namespace kvt

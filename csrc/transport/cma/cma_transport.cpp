@@ -284,11 +284,13 @@ void CmaTransport::serve_records(Session& s) {
     {
       std::lock_guard<std::mutex> lock(s.io.mu);
       if (s.failure) throw *s.failure;  // met by a reading waiter; reported from here
-      take_arrivals(s);  // left in the ring as a waiter stopped polling, or rung for
+      // Left in the ring as a waiter stopped polling, or rung for.
+      if (take_arrivals(s)) handover_.took(s.io);
       Received got = recv_msg_now(s.sock, m);
       // End of file: the initiator closed the session (its control connection reports why).
       if (got == Received::kEnd) return;
       if (got == Received::kRecord) {
+        handover_.took(s.io);
         handle_record(s, m);
         continue;
       }
@@ -402,6 +404,8 @@ bool CmaTransport::poll_inbound(bool /*sleeps*/) {
   }
   bool handled = false;
   Msg m;
+  WaiterReaders::Readable readable;
+  handover_.readable(readable, sessions.size());
   const size_t start = sessions.empty() ? 0 : poll_start_.load(std::memory_order_relaxed) % sessions.size();
   for (size_t k = 0; k < sessions.size(); ++k) {
     auto& s = sessions[(start + k) % sessions.size()];
@@ -410,6 +414,7 @@ bool CmaTransport::poll_inbound(bool /*sleeps*/) {
     try {
       if (take_arrivals(*s)) {
         handled = true;
+        handover_.took(s->io);
         if (!s->socket_skipped) {
           s->socket_skipped = true;
           poll_start_.store(start + k + 1, std::memory_order_relaxed);
@@ -417,8 +422,10 @@ bool CmaTransport::poll_inbound(bool /*sleeps*/) {
         }
       }
       s->socket_skipped = false;
+      if (!readable.has(s->io)) continue;  // its arrivals ring was read; its socket holds nothing
       Received got;
       while ((got = recv_msg_now(s->sock, m)) == Received::kRecord) {
+        handover_.took(s->io);
         handle_record(*s, m);
         handled = true;
       }

@@ -164,6 +164,7 @@ void TcpTransport::serve_frames(Inbound& conn) {
       // connection reports that.
       if (r == 0) return;
       if (r > 0) {
+        handover_.took(conn.io);
         serve_frame(conn, true);
         continue;
       }
@@ -373,21 +374,28 @@ bool TcpTransport::poll_inbound(bool sleeps) {
     }
   }
   bool handled = false;
+  WaiterReaders::Readable readable;
+  handover_.readable(readable, conns.size());
   const size_t start = conns.empty() ? 0 : poll_start_.load(std::memory_order_relaxed) % conns.size();
   for (size_t k = 0; k < conns.size(); ++k) {
     auto& c = conns[(start + k) % conns.size()];
     std::unique_lock<std::mutex> lock(c->io.mu, std::try_to_lock);
     if (!lock.owns_lock() || c->ended || c->io.handoff.load()) continue;
+    // Nothing new on its socket and nothing staged: nothing to take (a landing whose rest has
+    // not come waits for its socket to be readable).
+    if (c->staged.size() == 0 && !readable.has(c->io)) continue;
     try {
       while (true) {
         auto& l = c->landing;
         Queued q = l.active ? Queued::kPartial : take_queued(*c, sleeps);
         if (q == Queued::kLanded || (q == Queued::kPartial && l.active && land(*c, false))) {
+          handover_.took(c->io);
           c->partial_since = {};
           poll_start_.store(start + k + 1, std::memory_order_relaxed);
           return true;
         }
         if (q == Queued::kTaken) {
+          handover_.took(c->io);
           handled = true;
           if (!l.active) c->partial_since = {};
           continue;
