@@ -187,6 +187,29 @@ def test_the_latency_rows_are_measured_and_labelled_apart(tmp_path):
         assert rec["verified"] is True and rec["reps"] == 200 and rec["latency_us_p50"] > 0
 
 
+def test_idle_peers_are_connected_to_the_decode_side_and_measured_as_their_own_system(tmp_path):
+    from kvtransfer.bench import kvtransfer_peer
+    from kvtransfer.bench.harness import latency_workload
+
+    w = latency_workload(reps=2)
+    buf = np.zeros(w.total_bytes, np.uint8)
+    options = {"transport": "tcp", "idle_peers": 3}
+    target = kvtransfer_peer.make_target(w, buf, options)
+    initiator = kvtransfer_peer.make_initiator(w, np.zeros_like(buf), target.info(), options)
+    try:
+        deadline = time.monotonic() + 5
+        while target.ep.stats()["peers"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert target.ep.stats()["peers"] == 4, "the prefill side and its 3 quiet peers"
+    finally:
+        initiator.close()
+        target.close()
+    records = bench(tmp_path, "--workloads", "latency", "--idle-peers", "0,3")
+    assert [(r["system"], r["options"]["idle_peers"]) for r in records] == [
+        ("kvtransfer-tcp", 0), ("kvtransfer-tcp-3idle", 3)]
+    assert all(r["verified"] for r in records)
+
+
 def test_the_latency_rows_floor_is_one_bare_socket_message_between_two_threads():
     import kvtransfer as kvt
     from kvtransfer import _core

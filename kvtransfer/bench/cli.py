@@ -89,6 +89,17 @@ _UNIT = "|".join(_UNITS)
 _WORKLOAD = re.compile(rf"^(\d+(?:{_UNIT}))x(\d+)(?:-(random|sequential))?$")
 
 
+def _counts(text: str) -> list[int]:
+    """"0,16" -> [0, 16]: comma list of counts >= 0."""
+    try:
+        out = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give counts such as 0,16") from None
+    if any(v < 0 for v in out):
+        raise argparse.ArgumentTypeError(f"{text!r}: counts are >= 0")
+    return out
+
+
 def parse_size(text: str) -> int:
     """"64KiB" -> 65536 (B, KiB, MiB or GiB)."""
     m = re.fullmatch(rf"(\d+)({_UNIT})", text)
@@ -162,9 +173,11 @@ def _systems(args: argparse.Namespace, workload: Workload
     out = []
     for t in args.transport:
         name, _, provider = t.partition(":")
-        out.append((f"kvtransfer-{t}", "kvtransfer.bench.kvtransfer_peer",
-                    {"variant": f"kvtransfer-{t}", "transport": name, "provider": provider or None,
-                     "connections": args.connections}))
+        for idle in args.idle_peers:
+            label = f"kvtransfer-{t}" + (f"-{idle}idle" if idle else "")
+            out.append((label, "kvtransfer.bench.kvtransfer_peer",
+                        {"variant": label, "transport": name, "provider": provider or None,
+                         "connections": args.connections, "idle_peers": idle}))
     for peer in args.peers:
         module, variants = PEERS[peer]
         out.extend((v, module, {"variant": v}) for v in variants)
@@ -322,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kvtransfer transports, any this build registers: tcp, fabric:shm, "
                          "fabric:tcp, ... (see kvtransfer doctor)")
     ap.add_argument("--connections", type=int, default=2, help="TCP connections per peer")
+    ap.add_argument("--idle-peers", type=_counts, default=[0], metavar="N[,N...]",
+                    help="kvtransfer only: also with N more prefill endpoints connected to the "
+                         "decode side that send nothing, as a decode host's quiet peers (system "
+                         "kvtransfer-<transport>-<N>idle); default 0")
     ap.add_argument("--peers", type=csv, default=[], help=f"comma list of {', '.join(PEERS)}")
     ap.add_argument("--limits", action="store_true",
                     help="also measure the machine: iperf3 and memcpy beside bandwidth rows, "

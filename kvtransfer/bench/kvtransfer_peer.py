@@ -79,6 +79,12 @@ class Initiator:
         self.region, self.register_s = timed(self.ep.register, buf)
         target_info, self.remote = info
         self.peer = self.ep.connect(target_info)
+        # Other prefill endpoints connected to the same decode side, sending nothing: a decode
+        # host's quiet peers (--idle-peers).
+        self.idle = [_endpoint(f"bench-idle{i}", options)
+                     for i in range(int(options.get("idle_peers", 0)))]
+        for e in self.idle:
+            e.connect(target_info)
         bs, n = workload.block_bytes, workload.blocks
         perm = block_permutation(workload)
         # (src_off, dst_off, len): for a read src is the remote (prefill) side, as for a write
@@ -101,6 +107,8 @@ class Initiator:
 
     def close(self) -> None:
         self.ep.close()
+        for e in self.idle:
+            e.close()
 
 
 def make_target(workload: Workload, buf: np.ndarray, options: dict[str, Any]) -> Target:
