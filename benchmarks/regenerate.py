@@ -71,6 +71,9 @@ COMPARISONS = [
 # A 5-run median still moved by 20 µs between runs of one system (host noise comes in spells
 # of seconds): 9 runs, in turns with the peers.
 LATENCY_RUNS = 9
+# The latency rows again with this many quiet prefill peers connected to the decode side, as a
+# decode host has (kvtransfer only: `kvtransfer bench --idle-peers`).
+IDLE_PEERS = 16
 
 
 def _ratio(w: str, here: list[dict], label: str, ours_name: str, peers_label: str,
@@ -155,6 +158,22 @@ def fabric_section(quick: bool) -> str:
 LATENCY_HEADING = "## Latency: one 64 KiB write -> target notified"
 
 
+def idle_peer_lines(recs: list[dict]) -> str:
+    """Each latency row's kvtransfer time with IDLE_PEERS quiet peers against its time alone."""
+    rows = {(r["workload"], r["system"]): r for r in recs if "latency_s_p50" in r
+            and r.get("workload") != "limits"}
+    lines = []
+    for (w, system), alone in rows.items():
+        crowded = rows.get((w, f"{system}-{IDLE_PEERS}idle"))
+        if crowded:
+            lines.append(f"- {w}: {system} {alone['latency_s_p50'] * 1e6:.0f} µs alone, "
+                         f"{crowded['latency_s_p50'] * 1e6:.0f} µs with {IDLE_PEERS} idle peers "
+                         f"({crowded['latency_s_p50'] / alone['latency_s_p50']:.2f}x; p99 "
+                         f"{alone['latency_s_p99'] * 1e6:.0f} -> "
+                         f"{crowded['latency_s_p99'] * 1e6:.0f} µs)")
+    return "\n".join(lines)
+
+
 def latency_section(bench: list[str], peer_names: list[str], quick: bool) -> str:
     """Runs the latency rows beside the peers and returns their BENCHMARKS.md section."""
     out = OUT / "latency.jsonl"
@@ -165,7 +184,7 @@ def latency_section(bench: list[str], peer_names: list[str], quick: bool) -> str
     # bare-tcp: the same harness over bare sockets, so a row minus it is what the library adds.
     peers = ["--peers", ",".join([*peer_names, "bare-tcp"])]
     cmd = [*bench, *peers, "--limits", "--workloads", "latency,latency-busy,latency-sleeping",
-           "--transport", "tcp,cma",
+           "--transport", "tcp,cma", "--idle-peers", f"0,{IDLE_PEERS}",
            "--runs", "3" if quick else str(LATENCY_RUNS), "--json", str(out)]
     run(cmd)
     recs = records(out) if out.exists() else []
@@ -188,6 +207,10 @@ def latency_section(bench: list[str], peer_names: list[str], quick: bool) -> str
         "`sendall`s the block, the decode side `recv_into`s it straight into place, spinning or "
         "blocking as the row's decode side), so a row's time minus bare-tcp's is what that "
         "library adds.", "",
+        f"`-{IDLE_PEERS}idle` is kvtransfer with {IDLE_PEERS} more prefill endpoints connected "
+        "to the decode side that send nothing (`--idle-peers`), as a decode host serving many "
+        "prefill peers has at any moment; the peers are measured alone. Same runs:", "",
+        idle_peer_lines(recs), "",
         "The kernel's floor, measured in turns with the rows (once per round of each row, its "
         "median run shown): one 64 KiB message between two threads over loopback TCP, bare "
         "sockets, no library and no Python (`kvtransfer._core.tcp_oneway_seconds`), the sender "
