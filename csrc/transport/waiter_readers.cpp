@@ -78,7 +78,10 @@ void WaiterReaders::took(Reader& r) {
 
 bool WaiterReaders::arm(Reader& r) {
   const bool hot = coarse_now_ns() < r.hot_until_ns_.load(std::memory_order_relaxed);
-  const bool want = readers_ == 0 || r.handoff.load() || !hot;
+  // A sleeping waiter takes them all: it sleeps on the sockets it took, and one that a thread
+  // reads (bulk traffic on a connection that was quiet) would wake it for nothing, again and
+  // again, without a hand-back that would tell it to step aside.
+  const bool want = readers_ == 0 || r.handoff.load() || !(hot || sleepers_ > 0);
   if (want == r.armed_) return true;
   struct epoll_event ev{};
   ev.events = EPOLLIN;
@@ -98,14 +101,14 @@ void WaiterReaders::arm_all() {
 
 void WaiterReaders::begin(bool sleeps) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (sleeps) ++sleepers_;
-  if (readers_++ == 0) arm_all();
+  const bool first_sleeper = sleeps && sleepers_++ == 0;
+  if (readers_++ == 0 || first_sleeper) arm_all();
 }
 
 void WaiterReaders::end(bool sleeps) {
   std::lock_guard<std::mutex> lock(mu_);
-  if (sleeps) --sleepers_;
-  if (--readers_ == 0) arm_all();
+  const bool last_sleeper = sleeps && --sleepers_ == 0;
+  if (--readers_ == 0 || last_sleeper) arm_all();
 }
 
 // The caller marked the connection served first; a sleeper counted itself before it listed

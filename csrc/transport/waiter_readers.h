@@ -6,10 +6,11 @@
 // themselves: epoll_ctl wakes nobody, so a spinning waiter's start and end cost the sleeping
 // connection threads nothing, and an arriving message wakes no connection thread either: the
 // waiter, which try-locks `mu`, reads it, spinning or asleep on the sockets itself (sleep()).
-// Only connections that carried frames lately ("hot", took()) are moved so: an epoll_ctl per
-// connection at every waiter's start and end made each wait slower the more peers were
-// connected, idle or not. A frame on a connection left with its thread wakes that thread once;
-// the connection is hot from then on.
+// While only spinning waiters read, only connections that carried frames lately ("hot",
+// took()) are moved so: an epoll_ctl per connection at every waiter's start and end made each
+// wait slower the more peers were connected, idle or not. A frame on a connection left with its
+// thread wakes that thread once; the connection is hot from then on. A sleeping waiter takes
+// every connection, as it sleeps on the sockets it took.
 #pragma once
 
 #include <poll.h>
@@ -78,7 +79,8 @@ class WaiterReaders {
   static constexpr size_t kDirectLooks = 4;
 
   // A waiter starts reading (`sleeps`: between polls it sleeps in sleep()): the first one takes
-  // every hot connection's socket (took()) out of its thread's epoll set.
+  // every hot connection's socket (took()) out of its thread's epoll set, the first sleeping
+  // one every socket.
   void begin(bool sleeps);
   // A reading waiter ended; the last one puts the sockets back (a thread whose socket holds
   // data wakes).
@@ -94,7 +96,9 @@ class WaiterReaders {
   // Transport::sleep_inbound over a transport's connections (`conns`, under `mu`: a map whose
   // values point to something with `serving` and `io`, its Reader): sleeps on those past their
   // hello; false at once if one was handed back (its thread reads bulk traffic, and the waiter
-  // should step aside) or the transport is `stopping`.
+  // should step aside) or the transport is `stopping`. Over more than kDirectLooks connections
+  // it sleeps on the epoll set of them all (readable()) instead: one file to poll, not one
+  // per connection.
   template <class Conns>
   bool sleep_on(std::mutex& mu, const std::atomic<bool>& stopping, const Conns& conns,
                 int wake_fd, int timeout_ms) {
@@ -108,10 +112,13 @@ class WaiterReaders {
         fds.push_back({c->io.fd, POLLIN, 0});
       }
     }
+    if (fds.size() > kDirectLooks && unwatched_.load() == 0) {
+      fds.assign(1, {readable_epoll_, POLLIN, 0});
+    }
     sleep(fds, wake_fd, timeout_ms);
     return true;
   }
-  // A frame came on `r` (read by a waiter or by r's thread): for kHot from now, waiters that
+  // A frame came on `r` (read by a waiter or by r's thread): for kHotNs from now, waiters that
   // read take r's socket from its thread (begin()).
   void took(Reader& r);
   // A reading waiter met something it does not read (a large or partial unit, an error, end
