@@ -58,16 +58,22 @@ def _in_thread(fn) -> tuple[threading.Thread, dict]:
     return t, out
 
 
+def _write_each(initiator, peer, rs, rd, tags: list[bytes], pause_s: float) -> None:
+    """One 64 KiB write per tag, source block i to destination block i, each notifying its tag
+    and waited for, ``pause_s`` apart (the waiter is back in its wait by then)."""
+    for i, tag in enumerate(tags):
+        time.sleep(pause_s)
+        off = i * 65536
+        initiator.write(peer, rs, rd.id, [[off, off, 65536]], notify=tag).wait(5)
+
+
 def test_a_sleeping_waiter_reads_small_writes_itself(transport):
     with _pair(transport) as (target, initiator, rs, rd, src, dst):
         peer = initiator.connect(target.info())
         tags = [b"s%d" % i for i in range(40)]
         waiter, out = _in_thread(lambda: [target.wait_notification(t, timeout=5).payload
                                           for t in tags])
-        for i, tag in enumerate(tags):
-            time.sleep(0.002)  # the waiter is asleep again by now
-            off = i * 65536
-            initiator.write(peer, rs, rd.id, [[off, off, 65536]], notify=tag).wait(5)
+        _write_each(initiator, peer, rs, rd, tags, 0.002)  # the waiter is asleep again
         waiter.join(10)
         assert out.get("result") == tags, out.get("error")
         assert (dst[:40 * 65536] == src[:40 * 65536]).all()
@@ -164,10 +170,7 @@ def test_a_frame_on_a_connection_no_waiter_read_lately_reaches_a_waiter(transpor
             tags = [b"c%g-%d" % (spin, i) for i in range(10)]
             waiter, out = _in_thread(lambda ts=tags, s=spin: [
                 target.wait_notification(t, timeout=5, spin=s).payload for t in ts])
-            for i, tag in enumerate(tags):
-                time.sleep(0.003)
-                off = i * 65536
-                initiator.write(peer, rs, rd.id, [[off, off, 65536]], notify=tag).wait(5)
+            _write_each(initiator, peer, rs, rd, tags, 0.003)
             waiter.join(10)
             assert out.get("result") == tags, out.get("error")
             assert (dst[:10 * 65536] == src[:10 * 65536]).all()
@@ -196,10 +199,7 @@ def test_waiters_starting_and_ending_wake_no_connection_thread(transport, spin):
             return got
 
         waiter, out = _in_thread(wait_each)
-        for i, tag in enumerate(tags):
-            time.sleep(0.003)  # the waiter reads the connections by now
-            off = i * 65536
-            initiator.write(peer, rs, rd.id, [[off, off, 65536]], notify=tag).wait(5)
+        _write_each(initiator, peer, rs, rd, tags, 0.003)  # the waiter reads by then
         waiter.join(10)
         time.sleep(0.05)  # the waits' ends, handed off, are done
         _, after = _inbound_thread_switches(transport)
